@@ -1,0 +1,1181 @@
+"""AsymDSD in one file: Asymmetric Dual Self-Distillation for 3D self-supervised learning.
+
+Paper: R. F. Leijenaar, H. Kasaei, "Asymmetric Dual Self-Distillation for 3D Self-Supervised
+Representation Learning", NeurIPS 2025, arXiv:2506.21724. Official code: remcofl/AsymDSD.
+This file follows the official code's live config (configs/ssrl/ssrl.yaml); every number below
+carries the SPEC section (../shared/SPEC.md in the development tree) it comes from.
+
+The components, in the order the data flows:
+  1. multi_crop / augment_crops / normalize_unit_sphere   point-cloud multi-crop (SPEC 1.2-1.4)
+  2. farthest_point_sample / knn_group / patchify          FPS centres + kNN patches (SPEC 1.5)
+  3. PatchTokenizer, PositionEmbedding                     mini-PointNet tokens (SPEC 2.1-2.3)
+  4. TransformerEncoder, PointEncoder                      pre-RMSNorm ViT, no biases (SPEC 2.4)
+  5. inverse_block_masks                                   multi-mask inverse-block masking (SPEC 3.1)
+  6. query_attention_mask, Predictor                       no attention between masked queries (SPEC 3.3-3.4)
+  7. ProjectionHead, Centering                             DINO/iBOT heads + teacher centering (SPEC 4.5, 5.1)
+  8. patch_loss, cls_loss, koleo_loss                      dual distillation losses (SPEC 5.3-5.7)
+  9. AsymDSD                                               student + EMA teacher, one training step (SPEC 3-5)
+ 10. schedules, train(), main()                            AdamW, per-step schedules, checkpoints, CLI (SPEC 6)
+
+Run:   python asymdsd.py --data modelnet40 --data-root data/ModelNet40      (AsymDSD-S, one GPU)
+       python asymdsd.py --data shapes --preset tiny --epochs 2              (CPU smoke run)
+       torchrun --nproc_per_node 4 asymdsd.py --data modelnet40 ...          (DDP)
+
+Deliberate departures from the official code (each tagged `# NOTE:` at its line; README lists them):
+  - Cropping, augmentation and FPS/kNN run batched on the training device, not per sample in
+    CPU DataLoader workers with fpsample/scipy; the computation is the same (exact FPS, exact kNN).
+  - No gradient checkpointing (memory only; the S model fits without it).
+  - Attention through F.scaled_dot_product_attention instead of nn.MultiheadAttention (same math).
+  - Mixed precision prefers bf16 where supported (official: fp16 + GradScaler).
+
+Dimension legend used in every shape comment:
+  B batch, C global crops, L local crops, M masks per global crop, N points in a cloud,
+  G patches (centres) per crop, K points per patch, V visible patches, Q masked patches,
+  T tokens in a sequence, D encoder width, E predictor width, H heads, P prototypes.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+
+# ----------------------------------------------------------------------------------------------
+# Config: the single source of truth. Defaults are AsymDSD-S as the official code runs it.
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Config:
+    # data
+    data: str = "modelnet40"          # dataset name understood by data.build_dataset
+    data_root: str | None = None      # folder or archive; None -> data/<Name>
+    source_points: int | None = None  # points per source cloud (None: as stored; ShapeNet 16384, SPEC 1.1)
+    download: bool = False            # fetch ModelNet40 if missing (never without being asked)
+    mode: str = "cls_mask"            # cls_mask (AsymDSD) | cls (invariance only) | mask (MPM only), SPEC 5.8
+    # multi-crop (SPEC 1.2, ShapeNetCore-U.yaml multi_crop_config)
+    num_global_crops: int = 2
+    global_crop_scale: tuple = (0.4, 1.0)
+    global_points: int = 1024
+    num_local_crops: int = 4
+    local_crop_scale: tuple = (0.05, 0.4)
+    local_points: int = 256
+    crop_aspect: tuple = (0.33, 3.0)  # SampleCropPC default aspect ratio range
+    # augmentation (SPEC 1.3): z-rotation U(0, 2pi) and anisotropic scale, per crop
+    scale_range: tuple = (0.8, 1.2)
+    # patchify (SPEC 1.5)
+    global_patches: int = 64
+    local_patches: int = 16
+    patch_size: int = 32
+    # encoder (SPEC 2, ssrl_model.yaml encoder_config)
+    embed_dim: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    tokenizer_dims: tuple = (128, 256, 512)  # point_embedding hidden_dims
+    pos_hidden: int = 128
+    # masking (SPEC 3.1)
+    mask_ratio: float = 0.7
+    num_masks: int = 4                # multi_mask; the `mask` mode preset uses 8 (SPEC 5.8)
+    block_ratio: float = 0.1
+    adjust_ratio: float = 0.1
+    # predictor (SPEC 3.3)
+    predictor_dim: int = 192
+    predictor_depth: int = 6
+    predictor_heads: int = 3
+    predictor_attention: str = "cross"  # cross (official) | masked_self | full_self (leaky ablation)
+    # projection heads and teacher (SPEC 4, 5)
+    head_hidden: int = 1024
+    head_bottleneck: int = 256
+    num_prototypes: int = 4096
+    center_momentum: float = 0.9
+    student_temp: float = 0.1
+    teacher_temp_cls: tuple = (0.04, 0.07)    # linear warm-up over temp_warmup_epochs, SPEC 5.2
+    teacher_temp_patch: tuple = (0.05, 0.07)
+    temp_warmup_epochs: int = 10
+    ema_momentum: tuple = (0.995, 1.0)        # cosine, SPEC 4.2
+    koleo_weight: float = 0.01                # SPEC 5.5
+    regression_weight: float = 1.0            # smooth-L1 term, `mask` mode only (SPEC 5.8)
+    # optimisation (SPEC 6)
+    epochs: int = 300
+    batch_size: int = 128
+    lr: float = 5e-4
+    lr_start: float = 1e-7
+    lr_final: float = 1e-6
+    warmup_epochs: int = 10
+    weight_decay: float = 0.05
+    grad_clip: float = 10.0
+    betas: tuple = (0.9, 0.999)
+    init_std: float = 0.02                    # trunc-normal init of Linear weights and tokens (SPEC 2.5)
+    # run
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"           # auto (bf16 on CUDA if supported, else fp16; fp32 on CPU) | fp32 | bf16 | fp16
+    compile: bool = False
+    out: str = "runs/asymdsd"
+    num_workers: int = 8
+    log_every: int = 10
+    ckpt_every: int = 0               # also checkpoint every n steps (0: only at epoch ends)
+    max_steps: int = 0                # stop after this many steps in total (0: run all epochs); for tests
+
+
+PRESETS = {
+    # AsymDSD-S exactly as the official ShapeNet pretraining (the Config defaults).
+    "paper": {},
+    # A small model for CPU: one ModelNet40 epoch (9,843 shapes) in under 3 minutes on 2 cores.
+    "tiny": dict(embed_dim=128, depth=4, num_heads=4, tokenizer_dims=(32, 64, 128), pos_hidden=64,
+                 global_patches=32, local_patches=8, patch_size=32, global_points=1024, local_points=256,
+                 predictor_dim=64, predictor_depth=2, predictor_heads=2, num_masks=2,
+                 head_hidden=256, head_bottleneck=64, num_prototypes=1024,
+                 batch_size=32, epochs=10, warmup_epochs=1, temp_warmup_epochs=1, lr=1e-3, num_workers=0),
+}
+MODE_OVERRIDES = {"mask": dict(num_masks=8)}  # ssrl_model_mask.yaml: multi_mask 8 (SPEC 5.8)
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Multi-crop, augmentation, normalisation (SPEC 1.2-1.4), batched on the device
+# ----------------------------------------------------------------------------------------------
+
+def random_rotations(n: int, generator: torch.Generator, device) -> torch.Tensor:
+    """n uniformly random 3D rotation matrices (n, 3, 3), from normalised Gaussian quaternions."""
+    q = torch.randn(n, 4, generator=generator, device=device)
+    q = q / q.norm(dim=1, keepdim=True)
+    w, x, y, z = q.unbind(1)
+    return torch.stack([
+        1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w),
+        2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w),
+        2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y),
+    ], dim=1).view(n, 3, 3)
+
+
+def multi_crop(points: torch.Tensor, num_crops: int, num_points: int, scale: tuple, aspect: tuple,
+               generator: torch.Generator) -> torch.Tensor:
+    """Cut `num_crops` random box crops from every cloud (SPEC 1.2, SampleCropPC).
+
+    Per crop: a random rotation R orients the box (the points themselves are not rotated), a
+    fraction s ~ U(scale) of the N source points (at least num_points) nearest to a random source
+    point c under the anisotropic Chebyshev distance max_a |f_a (R (p - c))_a| is kept, with the
+    axis factors f a random permutation of [1, 1/sqrt(a), sqrt(a)], a ~ U(aspect); then num_points
+    of those are drawn uniformly without replacement.
+    points: (B, N, 3) -> crops (B, num_crops, num_points, 3)
+    """
+    B, N, _ = points.shape
+    if N < num_points:
+        raise ValueError(f"clouds have {N} points but a crop needs {num_points}; "
+                         f"use a dataset with at least {num_points} points per shape")
+    dev, R = points.device, B * num_crops
+    src = points.repeat_interleave(num_crops, dim=0)                               # (R, N, 3)
+    rot = random_rotations(R, generator, dev)                                       # (R, 3, 3)
+    s = torch.empty(R, device=dev).uniform_(*scale, generator=generator)
+    keep = (s * N).long().clamp(min=num_points)                                     # (R,) int(s*N), >= num_points
+    a = torch.empty(R, device=dev).uniform_(*aspect, generator=generator)
+    factors = torch.stack([torch.ones_like(a), a.rsqrt(), a.sqrt()], dim=1)         # (R, 3)
+    perm = torch.rand(R, 3, generator=generator, device=dev).argsort(dim=1)
+    factors = factors.gather(1, perm)                                               # random axis order
+    centre_idx = torch.randint(0, N, (R, 1, 1), generator=generator, device=dev).expand(R, 1, 3)
+    rel = src - src.gather(1, centre_idx)                                           # (R, N, 3) p - c
+    dist = ((rel @ rot.transpose(1, 2)) * factors[:, None]).abs().amax(dim=2)      # (R, N) box distance
+    order = dist.argsort(dim=1)                                                     # nearest first
+    # Uniform subsample without replacement of the `keep` nearest: random keys for them, 2 otherwise.
+    key = torch.rand(R, N, generator=generator, device=dev)
+    key = torch.where(torch.arange(N, device=dev) < keep[:, None], key, 2.0)
+    pick = order.gather(1, key.topk(num_points, dim=1, largest=False).indices)      # (R, num_points)
+    crops = src.gather(1, pick[..., None].expand(-1, -1, 3))
+    return crops.view(B, num_crops, num_points, 3)
+
+
+def augment_crops(crops: torch.Tensor, scale_range: tuple, generator: torch.Generator) -> torch.Tensor:
+    """Independent random z-rotation U(0, 2pi) and anisotropic scale U(scale_range)^3 per crop (SPEC 1.3).
+    crops: (..., n, 3) -> (..., n, 3)"""
+    lead = crops.shape[:-2]
+    n = math.prod(lead)
+    theta = torch.rand(n, device=crops.device, generator=generator) * (2 * math.pi)
+    cos, sin, zero, one = theta.cos(), theta.sin(), torch.zeros_like(theta), torch.ones_like(theta)
+    rot_z = torch.stack([cos, -sin, zero, sin, cos, zero, zero, zero, one], 1).view(n, 3, 3)
+    scale = torch.empty(n, 1, 3, device=crops.device).uniform_(*scale_range, generator=generator)
+    x = crops.reshape(n, -1, 3) @ rot_z.transpose(1, 2) * scale
+    return x.view(crops.shape)
+
+
+def normalize_unit_sphere(points: torch.Tensor) -> torch.Tensor:
+    """Centre each cloud on its mean and divide by its largest point norm (SPEC 1.4).
+    points: (..., n, 3) -> (..., n, 3)"""
+    x = points - points.mean(dim=-2, keepdim=True)
+    return x / x.norm(dim=-1).amax(dim=-1)[..., None, None].clamp_min(1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Patchify: farthest point sampling + kNN grouping (SPEC 1.5), plain batched PyTorch
+# ----------------------------------------------------------------------------------------------
+
+def farthest_point_sample(xyz: torch.Tensor, num_samples: int, start_idx: torch.Tensor | None = None,
+                          generator: torch.Generator | None = None) -> torch.Tensor:
+    """Exact farthest point sampling, batched. Each new centre is the point farthest from all
+    centres chosen so far (ties: lowest index). Start from `start_idx` (B,) or a random point.
+    xyz: (B, N, 3) -> indices (B, G) in selection order"""
+    B, N, _ = xyz.shape
+    if start_idx is None:
+        start_idx = torch.randint(0, N, (B,), device=xyz.device, generator=generator)
+    idx = torch.empty(B, num_samples, dtype=torch.long, device=xyz.device)
+    min_dist = torch.full((B, N), float("inf"), device=xyz.device, dtype=xyz.dtype)
+    cur = start_idx.to(xyz.device)
+    batch = torch.arange(B, device=xyz.device)
+    for g in range(num_samples):  # sequential by definition; batched over clouds
+        idx[:, g] = cur
+        d = ((xyz - xyz[batch, cur][:, None]) ** 2).sum(-1)        # (B, N) squared distance to newest centre
+        min_dist = torch.minimum(min_dist, d)
+        cur = min_dist.argmax(dim=1)
+    return idx
+
+
+def knn_group(xyz: torch.Tensor, centers: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k nearest points of every centre, nearest first (the centre itself first).
+    xyz: (B, N, 3), centers: (B, G, 3) -> (B, G, K)"""
+    # Exact differences (not the |a|^2 - 2ab + |b|^2 matmul form) so that ties and the order of
+    # near-equal neighbours match a KD-tree query.
+    d = torch.cdist(centers, xyz, compute_mode="donot_use_mm_for_euclid_dist")      # (B, G, N)
+    return d.topk(k, dim=2, largest=False, sorted=True).indices
+
+
+def patchify(points: torch.Tensor, num_patches: int, patch_size: int,
+             generator: torch.Generator | None = None, start_idx: torch.Tensor | None = None):
+    """Split normalised clouds into patches: FPS centres, their kNN, points relative to the centre.
+    # NOTE: the official code runs fpsample/scipy per sample in CPU workers; we run the same exact
+    # FPS + kNN batched on the training device (FPS/kNN commute with the unit-sphere normalisation).
+    points: (B, N, 3) -> centers (B, G, 3), patches (B, G, K, 3)"""
+    centers_idx = farthest_point_sample(points, num_patches, start_idx, generator)    # (B, G)
+    centers = points.gather(1, centers_idx[..., None].expand(-1, -1, 3))             # (B, G, 3)
+    patches_idx = knn_group(points, centers, patch_size)                             # (B, G, K)
+    B, G, K = patches_idx.shape
+    patches = points.gather(1, patches_idx.view(B, G * K, 1).expand(-1, -1, 3)).view(B, G, K, 3)
+    return centers, patches - centers[:, :, None]
+
+
+def make_views(points: torch.Tensor, cfg: Config, generator: torch.Generator) -> dict:
+    """The student/teacher inputs of one batch: global (and local) crops, augmented, normalised
+    and patchified. In `mask` mode a single global crop (SPEC 5.8, CropSampleArrays).
+    points: (B, N, 3) -> {"global": (centers (B, C, G, 3), patches (B, C, G, K, 3)), "local": ...}"""
+    views = {}
+    crops = {"global": (cfg.num_global_crops, cfg.global_points, cfg.global_crop_scale, cfg.global_patches)}
+    if cfg.mode == "mask":
+        crops = {"global": (1, cfg.global_points, cfg.global_crop_scale, cfg.global_patches)}
+    elif cfg.num_local_crops > 0:
+        crops["local"] = (cfg.num_local_crops, cfg.local_points, cfg.local_crop_scale, cfg.local_patches)
+    for name, (n_crops, n_points, scale, n_patches) in crops.items():
+        x = multi_crop(points, n_crops, n_points, scale, cfg.crop_aspect, generator)    # (B, c, n, 3)
+        x = normalize_unit_sphere(augment_crops(x, cfg.scale_range, generator))
+        B = x.shape[0]
+        centers, patches = patchify(x.flatten(0, 1), n_patches, cfg.patch_size, generator)
+        views[name] = (centers.view(B, n_crops, *centers.shape[1:]),
+                       patches.view(B, n_crops, *patches.shape[1:]))
+    return views
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Tokenizer and positional embedding (SPEC 2.1-2.3)
+# ----------------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) * w, no bias (asymdsd/layers/normalization.py)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class PatchTokenizer(nn.Module):
+    """Mini-PointNet per patch: 3->h1->h2, max-pool, concat [point, pooled], 2*h2->h3->D, max-pool.
+    RMSNorm + GELU, no biases (SPEC 2.1, MemEfficientPointMaxEmbedding)."""
+
+    def __init__(self, dim: int, hidden: tuple = (128, 256, 512)):
+        super().__init__()
+        h1, h2, h3 = hidden
+        self.block_1 = nn.Sequential(nn.Linear(3, h1, bias=False), RMSNorm(h1), nn.GELU(), nn.Linear(h1, h2, bias=False))
+        self.block_2 = nn.Sequential(nn.Linear(2 * h2, h3, bias=False), RMSNorm(h3), nn.GELU(), nn.Linear(h3, dim, bias=False))
+
+    def forward(self, patches):                                       # (..., K, 3)
+        f = self.block_1(patches)                                     # (..., K, h2)
+        pooled = f.amax(dim=-2, keepdim=True).expand_as(f)            # (..., K, h2)
+        f = self.block_2(torch.cat([f, pooled], dim=-1))              # (..., K, D) [point, pooled] order
+        return f.amax(dim=-2)                                         # (..., D)
+
+
+class PositionEmbedding(nn.Module):
+    """Linear(3->h) -> GELU -> Linear(h->D), with biases, of the patch centre (SPEC 2.2)."""
+
+    def __init__(self, dim: int, hidden: int = 128):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(3, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, centers):                                       # (..., 3) -> (..., D)
+        return self.mlp(centers)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Transformer encoder (SPEC 2.4): pre-RMSNorm, no biases, position added before every block
+# ----------------------------------------------------------------------------------------------
+
+class Attention(nn.Module):
+    """Multi-head attention, packed q/k/v projection, no biases. Self-attention when `context` is
+    None; otherwise queries come from x and keys/values from `context` (cross-attention).
+    attn_mask (bool, True = may attend) broadcasts to (B, H, Tq, Tk)."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)  # rows: [q; k; v] as nn.MultiheadAttention packs them
+        self.proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x, context=None, attn_mask=None):                   # x (B, Tq, D), context (B, Tk, D)
+        if context is None:
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+        else:
+            wq, wkv = self.qkv.weight.split([x.shape[-1], 2 * x.shape[-1]])
+            q = F.linear(x, wq)
+            k, v = F.linear(context, wkv).chunk(2, dim=-1)
+        q, k, v = (rearrange(t, "b t (h d) -> b h t d", h=self.num_heads) for t in (q, k, v))
+        # NOTE: official uses nn.MultiheadAttention; SDPA computes the same and picks a fused kernel.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, Tq, D/H)
+        return self.proj(rearrange(out, "b h t d -> b t (h d)"))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, bias=False)
+        self.fc2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """x += pos; x += Attn(RMSNorm(x) [, context]); x += FFN(RMSNorm(x)).
+    With `context`, attention is cross-attention to the (un-normalised) context (SPEC 3.3)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = RMSNorm(dim)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = RMSNorm(dim)
+        self.mlp = FeedForward(dim, int(dim * mlp_ratio))
+
+    def forward(self, x, pos, context=None, attn_mask=None):
+        x = x + pos
+        h = self.norm1(x)
+        if context is not None and attn_mask is not None:
+            # Queries attend to [context ; queries] under attn_mask (the masked self-attention form).
+            context = torch.cat([context, h], dim=1)
+        x = x + self.attn(h, context, attn_mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class TransformerEncoder(nn.Module):
+    """A stack of pre-norm blocks and a final RMSNorm. Returns the normed output and, on request,
+    every block's output before the final norm."""
+
+    def __init__(self, dim: int, depth: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio) for _ in range(depth))
+        self.norm = RMSNorm(dim)
+
+    def forward(self, x, pos, return_hidden: bool = False):            # (B, T, D), (B, T, D)
+        hidden = []
+        for blk in self.blocks:
+            x = blk(x, pos)
+            hidden.append(x)
+        return (self.norm(x), hidden) if return_hidden else self.norm(x)
+
+
+class PointEncoder(nn.Module):
+    """Tokenizer + positional MLP + CLS token + transformer: the network evaluate.py uses and the
+    part of the model the released checkpoints hold (`teacher.point_encoder.*`)."""
+
+    def __init__(self, dim=384, depth=12, num_heads=6, mlp_ratio=4.0, tokenizer_dims=(128, 256, 512),
+                 pos_hidden=128, cls_token=True):
+        super().__init__()
+        self.tokenizer = PatchTokenizer(dim, tokenizer_dims)
+        self.pos_embed = PositionEmbedding(dim, pos_hidden)
+        # One CLS token with a zero positional encoding (SPEC 2.3); absent in the `mask` mode.
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cls_token else None
+        self.encoder = TransformerEncoder(dim, depth, num_heads, mlp_ratio)
+
+    def embed(self, patches, centers):
+        """patches (B, G, K, 3), centers (B, G, 3) -> tokens (B, G, D), pos (B, G, D)"""
+        return self.tokenizer(patches), self.pos_embed(centers)
+
+    def encode(self, tokens, pos, return_hidden=False):
+        """Prepend CLS (zero position) and run the transformer.
+        tokens, pos: (B, T, D) -> (B, 1 + T, D) with CLS first (or (B, T, D) without a CLS token)"""
+        if self.cls_token is not None:
+            tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens], 1)
+            pos = torch.cat([torch.zeros_like(pos[:, :1]), pos], 1)
+        return self.encoder(tokens, pos, return_hidden)
+
+    def forward(self, patches, centers, return_hidden=False):
+        return self.encode(*self.embed(patches, centers), return_hidden=return_hidden)
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Inverse-block multi-mask generator (SPEC 3.1)
+# ----------------------------------------------------------------------------------------------
+
+def inverse_block_masks(centers: torch.Tensor, num_masks: int, mask_ratio: float = 0.7, block_ratio: float = 0.1,
+                        adjust_ratio: float = 0.1, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Masks whose *visible* part is a few blocks of neighbouring patches (InverseBlockPatchMasking).
+
+    Per row (every crop repeated M times, independent draws): pick n_c distinct random patches,
+    make each one's `block` nearest patches (itself included) visible, then fix the count exactly:
+    a random order with non-block patches before block patches, the first Q of it are masked.
+    With G = 64: Q = round(0.7 * 64) = 45 masked, 19 visible; block = 6; n_c = round(64*0.4/6) = 4.
+    centers: (R, G, 3) -> mask (R*M, G) bool, True = masked, exactly Q per row; row r*M+m is crop r.
+    """
+    R, G, _ = centers.shape
+    num_masked = round(mask_ratio * G)
+    block = max(int(block_ratio * G), 1)
+    num_blocks = max(round(G * (1 - mask_ratio + adjust_ratio) / block), 1)
+    dev = centers.device
+    neighbours = torch.cdist(centers, centers).topk(block, dim=2, largest=False).indices  # (R, G, block)
+    neighbours = neighbours.repeat_interleave(num_masks, dim=0)                           # (R*M, G, block)
+    rows = R * num_masks
+    seeds = torch.rand(rows, G, generator=generator, device=dev).argsort(dim=1)[:, :num_blocks]  # distinct
+    members = neighbours.gather(1, seeds[..., None].expand(-1, -1, block)).flatten(1)     # (R*M, n_c*block)
+    in_block = torch.zeros(rows, G, dtype=torch.bool, device=dev).scatter_(1, members, True)
+    key = torch.rand(rows, G, generator=generator, device=dev) + in_block                 # block patches last
+    masked_idx = key.topk(num_masked, dim=1, largest=False).indices
+    return torch.zeros(rows, G, dtype=torch.bool, device=dev).scatter_(1, masked_idx, True)
+
+
+def split_mask(mask: torch.Tensor, num_masked: int):
+    """Visible and masked patch indices, each in ascending patch order, with no host sync.
+    mask: (R, G) bool with exactly `num_masked` True per row -> visible (R, V), masked (R, Q)"""
+    order = mask.to(torch.int8).argsort(dim=1, stable=True)  # visible (0) first, each part ascending
+    return order[:, : mask.shape[1] - num_masked], order[:, mask.shape[1] - num_masked:]
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Predictor: masked queries see the context, never each other (SPEC 3.3-3.4)
+# ----------------------------------------------------------------------------------------------
+
+def query_attention_mask(num_context: int, num_queries: int, queries_see_each_other: bool = False,
+                         device=None) -> torch.Tensor:
+    """Who may attend to whom when masked queries attend to keys [context ; queries].
+
+                      keys:  c_1 ... c_T | q_1 q_2 q_3
+        query q_1             1  ...  1  |  1   0   0
+        query q_2             1  ...  1  |  0   1   0
+        query q_3             1  ...  1  |  0   0   1
+
+    1 = may attend (the F.scaled_dot_product_attention convention; the official code builds the
+    complement for nn.MultiheadAttention, True = blocked). Every query sees the whole context and
+    itself, so a masked patch's prediction cannot depend on where the other masked patches are.
+    queries_see_each_other=True fills the query block with ones: the leaky form the paper warns about.
+    returns (Q, T + Q) bool
+    """
+    query_block = torch.ones(num_queries, num_queries, dtype=torch.bool, device=device)
+    if not queries_see_each_other:
+        query_block = torch.eye(num_queries, dtype=torch.bool, device=device)
+    context_block = torch.ones(num_queries, num_context, dtype=torch.bool, device=device)
+    return torch.cat([context_block, query_block], dim=1)
+
+
+class Predictor(nn.Module):
+    """Predicts the encoder's tokens at masked positions from the visible context (SPEC 3.3).
+
+    One shared Linear(D->E, bias) projects the mask token, the query positions and the context
+    (ProjectionWrapper); E-wide pre-norm blocks add the query position before every block;
+    final RMSNorm; Linear(E->D, bias) back out.
+    attention: "cross"       queries attend to the context only (official default, self_attention: false)
+               "masked_self" queries attend to [context ; queries] under query_attention_mask
+               "full_self"   as masked_self but queries see each other (leakage ablation)
+    """
+
+    def __init__(self, dim: int, pred_dim: int, depth: int, num_heads: int, mlp_ratio: float = 4.0,
+                 attention: str = "cross"):
+        super().__init__()
+        if attention not in ("cross", "masked_self", "full_self"):
+            raise ValueError(f"predictor attention must be cross, masked_self or full_self, not {attention!r}")
+        self.attention = attention
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))  # one learned token for every query
+        self.embed = nn.Linear(dim, pred_dim)                   # shared by queries, positions and context
+        self.blocks = nn.ModuleList(Block(pred_dim, num_heads, mlp_ratio) for _ in range(depth))
+        self.norm = RMSNorm(pred_dim)
+        self.proj = nn.Linear(pred_dim, dim)
+
+    def forward(self, context, query_pos):          # context (R, T, D), query_pos (R, Q, D) -> (R, Q, D)
+        R, Q, _ = query_pos.shape
+        memory = self.embed(context)                                      # (R, T, E)
+        pos = self.embed(query_pos)                                       # (R, Q, E)
+        q = self.embed(self.mask_token).to(pos.dtype).expand(R, Q, -1)    # (R, Q, E)
+        attn_mask = None
+        if self.attention != "cross":
+            attn_mask = query_attention_mask(context.shape[1], Q, self.attention == "full_self", q.device)
+        for blk in self.blocks:
+            q = blk(q, pos, context=memory, attn_mask=attn_mask)
+        return self.proj(self.norm(q))
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Projection heads and teacher centering (SPEC 5.1, 4.5)
+# ----------------------------------------------------------------------------------------------
+
+class ProjectionHead(nn.Module):
+    """MLP D->h->h->b (GELU, biases), L2-normalise, weight-normalised Linear(b->P) with bias and a
+    trainable gain (SPEC 5.1). Weight norm is written out (w = g * v / |v|) instead of a parametrization."""
+
+    def __init__(self, dim: int, hidden: int = 1024, bottleneck: int = 256, num_prototypes: int = 4096):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                                 nn.Linear(hidden, bottleneck))
+        # PyTorch's default Linear init for v and the bias; g = |v| (SPEC 2.5: the official trunc-normal
+        # init does not reach this layer through its parametrization).
+        prototypes = nn.Linear(bottleneck, num_prototypes)
+        self.weight_v = nn.Parameter(prototypes.weight.detach().clone())                    # (P, b) direction
+        self.weight_g = nn.Parameter(self.weight_v.detach().norm(dim=1, keepdim=True))      # (P, 1) gain
+        self.bias = nn.Parameter(prototypes.bias.detach().clone())                          # (P,)
+
+    def forward(self, x):                                                   # (..., D) -> (..., P)
+        x = F.normalize(self.mlp(x), dim=-1, eps=1e-6)
+        weight = self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True)
+        return F.linear(x, weight, self.bias)
+
+
+class Centering(nn.Module):
+    """Subtract a running mean of the teacher logits (old centre), then update it with momentum
+    (SPEC 4.5); the batch mean is averaged over ranks under DDP."""
+
+    def __init__(self, dim: int, momentum: float = 0.9):
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("center", torch.zeros(dim))
+
+    @torch.no_grad()
+    def forward(self, logits):                                              # (..., P) -> (..., P)
+        out = logits - self.center
+        if self.training:
+            mean = logits.flatten(0, -2).float().mean(dim=0)
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(mean)
+                mean /= dist.get_world_size()
+            self.center.mul_(self.momentum).add_(mean, alpha=1 - self.momentum)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. Losses (SPEC 5.3-5.8)
+# ----------------------------------------------------------------------------------------------
+
+def patch_loss(student_logits, teacher_probs, student_temp: float):
+    """iBOT-style: mean over masked tokens of -sum_k p_t log softmax(s / tau_s).  (n, P), (n, P) -> ()"""
+    return -(teacher_probs * F.log_softmax(student_logits.float() / student_temp, dim=-1)).sum(-1).mean()
+
+
+def cls_loss(student_logits, teacher_probs, student_temp: float):
+    """DINO-style: mean over every (sample, teacher crop, student crop) pair; same-view pairs are
+    kept, as in the official code (SPEC 10.1).  student (B, S, P), teacher (B, T, P) -> ()"""
+    log_p = F.log_softmax(student_logits.float() / student_temp, dim=-1)
+    return -torch.einsum("btp,bsp->bts", teacher_probs, log_p).mean()
+
+
+def koleo_loss(x, eps: float = 1e-6):
+    """Kozachenko-Leonenko entropy estimate per view column: -mean log |x_i - nearest other x_j|
+    over the batch, after L2 normalisation (SPEC 5.5).  x (B, S, D) -> ()"""
+    x = F.normalize(x.float(), dim=-1, eps=1e-8).transpose(0, 1)                   # (S, B, D)
+    sim = x @ x.transpose(1, 2)                                                     # (S, B, B)
+    eye = torch.eye(x.shape[1], dtype=torch.bool, device=x.device)
+    nearest = sim.masked_fill(eye, -2.0).argmax(dim=2)                              # (S, B)
+    other = x.gather(1, nearest[..., None].expand_as(x))
+    return -torch.log((x - other).norm(dim=-1) + eps).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. AsymDSD: student, EMA teacher, and the loss of one step (SPEC 3-5)
+# ----------------------------------------------------------------------------------------------
+
+class AsymDSD(nn.Module):
+    """Student (encoder, predictor, heads) and EMA teacher (encoder, heads, centres).
+
+    forward(views, ...) = forward_teacher -> forward_student -> forward_loss, so one call (and one
+    DistributedDataParallel forward) is one training step's loss.
+    """
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        if cfg.mode not in ("cls_mask", "cls", "mask"):
+            raise ValueError(f"mode must be cls_mask, cls or mask, not {cfg.mode!r}")
+        if cfg.mode != "mask" and cfg.num_global_crops != 2:
+            raise ValueError("the CLS loss compares the two global crops: num_global_crops must be 2")
+        self.cfg = cfg
+        self.use_cls, self.use_patch = cfg.mode != "mask", cfg.mode != "cls"
+        student = {"encoder": PointEncoder(cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio,
+                                           cfg.tokenizer_dims, cfg.pos_hidden, cls_token=self.use_cls)}
+        head = lambda: ProjectionHead(cfg.embed_dim, cfg.head_hidden, cfg.head_bottleneck, cfg.num_prototypes)
+        if self.use_cls:
+            student["cls_head"] = head()
+        if self.use_patch:
+            student["patch_head"] = head()
+            student["predictor"] = Predictor(cfg.embed_dim, cfg.predictor_dim, cfg.predictor_depth,
+                                             cfg.predictor_heads, cfg.mlp_ratio, cfg.predictor_attention)
+        self.student = nn.ModuleDict(student)
+        self.init_weights(cfg.init_std)
+        # The teacher is a copy of every student part it shares (SPEC 4.1); never trained by gradients.
+        self.teacher = nn.ModuleDict({k: copy.deepcopy(v) for k, v in student.items() if k != "predictor"})
+        if self.use_cls:
+            self.teacher["cls_center"] = Centering(cfg.num_prototypes, cfg.center_momentum)
+        if self.use_patch:
+            self.teacher["patch_center"] = Centering(cfg.num_prototypes, cfg.center_momentum)
+        self.teacher.requires_grad_(False)
+
+    def init_weights(self, std: float):
+        """trunc-normal(std) for every nn.Linear weight, zero biases, trunc-normal tokens (SPEC 2.5)."""
+        for m in self.student.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for name, p in self.student.named_parameters():
+            if name.endswith(("cls_token", "mask_token")):
+                nn.init.trunc_normal_(p, std=std)
+
+    def ema_pairs(self):
+        """(teacher tensor, student tensor) for every EMA'd parameter, matched by name."""
+        s = dict(self.student.named_parameters())
+        return [(p, s[n]) for n, p in self.teacher.named_parameters()]
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float):
+        """theta_t <- m theta_t + (1 - m) theta_s; skipped at m >= 1 (SPEC 4.1)."""
+        if momentum >= 1.0:
+            return
+        teacher, student = zip(*self.ema_pairs())
+        torch._foreach_lerp_(list(teacher), list(student), 1.0 - momentum)
+
+    # -- 1. teacher ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward_teacher(self, centers, patches, temp_cls: float, temp_patch: float):
+        """Full, unmasked global crops; one pass per crop, reused by all its masks (SPEC 4.3-4.4).
+        centers (B, C, G, 3), patches (B, C, G, K, 3) -> dict of teacher probabilities / tokens"""
+        B, C = centers.shape[:2]
+        t = self.teacher
+        x = t["encoder"](patches.flatten(0, 1), centers.flatten(0, 1))    # (BC, [1+]G, D)
+        out = {}
+        if self.use_cls:
+            logits = t["cls_center"](t["cls_head"](x[:, 0]))               # (BC, P)
+            out["cls"] = F.softmax(logits.float() / temp_cls, dim=-1).view(B, C, -1)
+        if self.use_patch:
+            tokens = x[:, 1:] if self.use_cls else x                       # (BC, G, D)
+            logits = t["patch_center"](t["patch_head"](tokens))            # (BC, G, P)
+            out["patch"] = F.softmax(logits.float() / temp_patch, dim=-1)
+            out["tokens"] = tokens
+        return out
+
+    # -- 2. student ------------------------------------------------------------------------------
+    def forward_student(self, views, generator=None):
+        """All student passes of one step (SPEC 3.2-3.5).
+        views["global"]: centers (B, C, G, 3), patches (B, C, G, K, 3); views["local"] likewise."""
+        cfg, s = self.cfg, self.student
+        enc = s["encoder"]
+        centers, patches = views["global"]
+        B, C, G = centers.shape[:3]
+        out = {}
+        tokens, pos = enc.embed(patches.flatten(0, 1), centers.flatten(0, 1))  # (BC, G, D) once per crop
+        cls_parts = []
+        if self.use_patch:
+            M = cfg.num_masks
+            mask = inverse_block_masks(centers.flatten(0, 1), M, cfg.mask_ratio, cfg.block_ratio,
+                                       cfg.adjust_ratio, generator)         # (BCM, G), row = (b*C + c)*M + m
+            Q = round(cfg.mask_ratio * G)
+            visible, masked = split_mask(mask, Q)                          # (BCM, V), (BCM, Q)
+            crop = torch.arange(B * C, device=centers.device).repeat_interleave(M)[:, None]  # (BCM, 1)
+            x = enc.encode(tokens[crop, visible], pos[crop, visible])      # (BCM, [1+]V, D) encoder sees visible only
+            pred = s["predictor"](x, pos[crop, masked])                    # (BCM, Q, D)
+            out.update(mask=mask, masked=masked, pred=pred, patch_logits=s["patch_head"](pred))
+            if self.use_cls:
+                cls_parts.append(("masked", x[:, 0]))                      # (BCM, D) CLS of masked views
+        if self.use_cls:
+            if self.use_patch:  # crop 0 again, unmasked, for the CLS loss only (add_unmasked_global_cls)
+                tok0, pos0 = tokens.view(B, C, G, -1)[:, 0], pos.view(B, C, G, -1)[:, 0]
+                cls_parts.insert(0, ("global", enc.encode(tok0, pos0)[:, 0]))            # (B, D)
+            else:               # cls mode: both global crops, unmasked
+                cls_parts.insert(0, ("global", enc.encode(tokens, pos)[:, 0]))           # (BC, D)
+            if "local" in views:
+                lc, lp = views["local"]
+                cls_parts.append(("local", enc(lp.flatten(0, 1), lc.flatten(0, 1))[:, 0]))  # (BL, D)
+            names, embs = zip(*cls_parts)
+            sizes = [e.shape[0] for e in embs]
+            logits = s["cls_head"](torch.cat(embs)).split(sizes)           # one head call for all crops
+            for n, e, l in zip(names, embs, logits):
+                out[f"cls_emb_{n}"], out[f"cls_{n}"] = e.view(B, -1, e.shape[-1]), l.view(B, -1, l.shape[-1])
+        return out
+
+    # -- 3. loss ---------------------------------------------------------------------------------
+    def forward_loss(self, student, teacher):
+        """Total of SPEC 5.7 (cls_mask), 5.8 (cls, mask). Returns (loss, dict of detached terms)."""
+        cfg, terms, weights = self.cfg, {}, {}
+        if self.use_patch:
+            masked, M = student["masked"], cfg.num_masks
+            crop = torch.arange(masked.shape[0], device=masked.device)[:, None] // M     # (BCM, 1)
+            target = teacher["patch"][crop, masked]                                      # (BCM, Q, P)
+            terms["patch"] = patch_loss(student["patch_logits"].flatten(0, 1), target.flatten(0, 1), cfg.student_temp)
+            weights["patch"] = 1.0
+        if self.use_cls:
+            p = teacher["cls"]                                                           # (B, 2, P)
+            cls_terms = []
+            if "cls_local" in student:
+                cls_terms.append(cls_loss(student["cls_local"], p, cfg.student_temp))    # local vs global
+            if self.use_patch:
+                cls_terms.append(cls_loss(student["cls_masked"], p, cfg.student_temp))   # masked views vs global
+                cls_terms.append(cls_loss(student["cls_global"], p[:, 1:], cfg.student_temp))  # crop 0 vs teacher crop 1
+                koleo_in = torch.cat([student["cls_emb_global"], student["cls_emb_masked"]], 1)  # (B, 1+CM, D)
+            else:
+                cls_terms.append(cls_loss(student["cls_global"], p, cfg.student_temp))   # global vs global
+                koleo_in = student["cls_emb_global"]                                     # (B, 2, D)
+            terms["cls"] = torch.stack(cls_terms).mean()
+            weights["cls"] = 1.0
+            if cfg.koleo_weight > 0:
+                terms["koleo"] = koleo_loss(koleo_in)
+                weights["koleo"] = cfg.koleo_weight
+        if cfg.mode == "mask" and cfg.regression_weight > 0:
+            target = teacher["tokens"][crop, masked]                                     # (BM, Q, D)
+            terms["regression"] = F.smooth_l1_loss(student["pred"].float(), target.float(), beta=2.0)
+            weights["regression"] = cfg.regression_weight
+        loss = sum(weights[k] * terms[k] for k in terms) / sum(weights.values())
+        logs = {f"loss_{k}": v.detach() for k, v in terms.items()}
+        for k in ("cls", "patch"):
+            if k in teacher:  # entropy of the teacher's distributions: collapse shows here first
+                tp = teacher[k]
+                logs[f"teacher_entropy_{k}"] = -(tp * tp.clamp_min(1e-12).log()).sum(-1).mean()
+        return loss, logs
+
+    def forward(self, views, temp_cls: float, temp_patch: float, generator=None):
+        teacher = self.forward_teacher(*views["global"], temp_cls, temp_patch)
+        student = self.forward_student(views, generator)
+        return self.forward_loss(student, teacher)
+
+
+# ----------------------------------------------------------------------------------------------
+# Official checkpoint layout -> this file's modules: one explicit key mapping
+# ----------------------------------------------------------------------------------------------
+
+# (official key pattern, our key) applied in order to keys with the `student.`/`teacher.` prefix
+# stripped; {i} is a block index. These cover every tensor of an official AsymDSD state_dict.
+OFFICIAL_KEY_MAP = [
+    (r"point_encoder\.cls_token", "encoder.cls_token"),
+    (r"point_encoder\.patch_embedding\.point_embedding\.(block_[12]\.[013]\.weight)", r"encoder.tokenizer.\1"),
+    (r"point_encoder\.patch_embedding\.position_embedding\.position_embedding\.([02]\.(weight|bias))", r"encoder.pos_embed.mlp.\1"),
+    (r"point_encoder\.encoder\.stack\.(\d+)\.self_attn\.norm\.weight", r"encoder.encoder.blocks.\1.norm1.weight"),
+    (r"point_encoder\.encoder\.stack\.(\d+)\.self_attn\.attn\.in_proj_weight", r"encoder.encoder.blocks.\1.attn.qkv.weight"),
+    (r"point_encoder\.encoder\.stack\.(\d+)\.self_attn\.attn\.out_proj\.weight", r"encoder.encoder.blocks.\1.attn.proj.weight"),
+    (r"point_encoder\.encoder\.stack\.(\d+)\.ffn\.norm\.weight", r"encoder.encoder.blocks.\1.norm2.weight"),
+    (r"point_encoder\.encoder\.stack\.(\d+)\.ffn\.mlp\.linear_([12])\.weight", r"encoder.encoder.blocks.\1.mlp.fc\2.weight"),
+    (r"point_encoder\.encoder\.norm\.weight", "encoder.encoder.norm.weight"),
+    (r"(cls|patch)_projection_head\.mlp\.mlp\.0\.(weight|bias)", r"\1_head.mlp.0.\2"),
+    (r"(cls|patch)_projection_head\.mlp\.mlp\.4\.(weight|bias)", r"\1_head.mlp.2.\2"),
+    (r"(cls|patch)_projection_head\.mlp\.mlp\.8\.(weight|bias)", r"\1_head.mlp.4.\2"),
+    (r"(cls|patch)_projection_head\.linear\.bias", r"\1_head.bias"),
+    (r"(cls|patch)_projection_head\.linear\.parametrizations\.weight\.original0", r"\1_head.weight_g"),
+    (r"(cls|patch)_projection_head\.linear\.parametrizations\.weight\.original1", r"\1_head.weight_v"),
+    (r"(cls|patch)_centering\.center", r"\1_center.center"),
+    (r"predictor\.module\.stack\.(\d+)\.cross_attn\.norm\.weight", r"predictor.blocks.\1.norm1.weight"),
+    (r"predictor\.module\.stack\.(\d+)\.cross_attn\.attn\.in_proj_weight", r"predictor.blocks.\1.attn.qkv.weight"),
+    (r"predictor\.module\.stack\.(\d+)\.cross_attn\.attn\.out_proj\.weight", r"predictor.blocks.\1.attn.proj.weight"),
+    (r"predictor\.module\.stack\.(\d+)\.ffn\.norm\.weight", r"predictor.blocks.\1.norm2.weight"),
+    (r"predictor\.module\.stack\.(\d+)\.ffn\.mlp\.linear_([12])\.weight", r"predictor.blocks.\1.mlp.fc\2.weight"),
+    (r"predictor\.module\.norm\.weight", "predictor.norm.weight"),
+    (r"predictor\.embedding\.(weight|bias)", r"predictor.embed.\1"),
+    (r"predictor\.projection\.(weight|bias)", r"predictor.proj.\1"),
+]
+
+
+def convert_official_state_dict(official: dict) -> dict:
+    """Rename an official AsymDSD Lightning `state_dict` to this file's AsymDSD layout
+    (`student.*`, `teacher.*`). The student-only `mask_token` moves into the predictor.
+    Raises ValueError naming every key no rule covers."""
+    import re
+    out, unknown = {}, []
+    for key, value in official.items():
+        if key == "mask_token":
+            out["student.predictor.mask_token"] = value
+            continue
+        side, _, rest = key.partition(".")
+        for pattern, repl in OFFICIAL_KEY_MAP:
+            if side in ("student", "teacher") and re.fullmatch(pattern, rest):
+                out[f"{side}.{re.sub(pattern, repl, rest)}"] = value
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"{len(unknown)} keys are not in the official AsymDSD layout, e.g. {unknown[:5]}; "
+                         "is this an AsymDSD checkpoint (a Lightning .ckpt's 'state_dict')?")
+    return out
+
+
+def load_checked(module: nn.Module, state: dict, what: str):
+    """load_state_dict(strict) that refuses with one clear message listing missing, unexpected and
+    mis-shaped keys, so a checkpoint for another model size never half-loads."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{what} does not fit this model ({len(missing)} missing, {len(unexpected)} unexpected, "
+                         f"{len(shapes)} mis-shaped keys). Missing: {missing[:4]} Unexpected: {unexpected[:4]} "
+                         f"Shapes: {shapes[:4]}. Build the model with the checkpoint's sizes "
+                         "(embed_dim, depth, num_heads, tokenizer_dims, ...).")
+    module.load_state_dict(state)
+
+
+def load_official_encoder(encoder: PointEncoder, official: dict, which: str = "teacher") -> PointEncoder:
+    """Load `<which>.point_encoder.*` of an official checkpoint state_dict into a PointEncoder."""
+    converted = convert_official_state_dict({k: v for k, v in official.items()
+                                             if k.startswith(f"{which}.point_encoder.")})
+    prefix = f"{which}.encoder."
+    load_checked(encoder, {k[len(prefix):]: v for k, v in converted.items()}, f"the official {which} encoder")
+    return encoder
+
+
+# ----------------------------------------------------------------------------------------------
+# 10. Schedules (per step, as arrays indexed by the global step), training loop, CLI (SPEC 6)
+# ----------------------------------------------------------------------------------------------
+
+def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: int = 0,
+                    warmup_start: float = 0.0) -> torch.Tensor:
+    """Linear warm-up warmup_start -> base, then cosine base -> final (CosineAnnealingWarmupSchedule)."""
+    warm = torch.linspace(warmup_start, base, warmup_steps + 1)[:-1] if warmup_steps > 0 else torch.empty(0)
+    t = torch.arange(total_steps - warmup_steps, dtype=torch.float64) / max(total_steps - warmup_steps, 1)
+    cos = final + 0.5 * (base - final) * (1 + torch.cos(math.pi * t))
+    return torch.cat([warm.double(), cos])
+
+
+def linear_warmup_schedule(start: float, end: float, warmup_steps: int, total_steps: int) -> torch.Tensor:
+    """Linear start -> end over warmup_steps, then constant (LinearWarmupSchedule; teacher temperatures)."""
+    ramp = torch.linspace(start, end, warmup_steps + 1, dtype=torch.float64)[:-1]
+    return torch.cat([ramp, torch.full((max(total_steps - warmup_steps, 0),), end, dtype=torch.float64)])[:total_steps]
+
+
+def make_schedules(cfg: Config, steps_per_epoch: int) -> dict:
+    total = cfg.epochs * steps_per_epoch
+    return {
+        "lr": cosine_schedule(cfg.lr, cfg.lr_final, total, cfg.warmup_epochs * steps_per_epoch, cfg.lr_start),
+        "ema": cosine_schedule(*cfg.ema_momentum, total),
+        "temp_cls": linear_warmup_schedule(*cfg.teacher_temp_cls, cfg.temp_warmup_epochs * steps_per_epoch, total),
+        "temp_patch": linear_warmup_schedule(*cfg.teacher_temp_patch, cfg.temp_warmup_epochs * steps_per_epoch, total),
+    }
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name} asked for, but no CUDA GPU is visible; use --device cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device):
+    """bf16 where supported, fp16 (with a GradScaler) on older GPUs, fp32 on CPU."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        # NOTE: official trains in fp16 ("16-mixed"); bf16 needs no loss scaling and is as fast.
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def save_checkpoint(path: str, state: dict):
+    """Write atomically: a crash mid-write leaves the previous file intact."""
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def check_batch(points: torch.Tensor, index: torch.Tensor, dataset):
+    """Refuse NaN/inf coordinates with the shapes they came from (checked on the CPU copy: no sync)."""
+    bad = ~torch.isfinite(points).all(dim=2).all(dim=1)
+    if bad.any():
+        names = [describe_item(dataset, int(i)) for i in index[bad][:5]]
+        raise ValueError(f"non-finite (NaN/inf) coordinates in {int(bad.sum())} shapes of this batch: {names}")
+
+
+def describe_item(dataset, i: int) -> str:
+    files = getattr(dataset, "files", None)
+    return str(files[i]) if files is not None and i < len(files) else f"{getattr(dataset, 'name', 'dataset')}[{i}]"
+
+
+class IndexedDataset(torch.utils.data.Dataset):
+    """Adds the item index to each sample so errors can name the shape it came from."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        points, _ = self.dataset[i]
+        return torch.as_tensor(points, dtype=torch.float32), i
+
+
+def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, rank: int, world: int) -> list:
+    """The epoch's batches of dataset indices for this rank: one permutation per (seed, epoch),
+    split into equal per-rank shards, the incomplete last batch dropped (drop_last, SPEC 1.1)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    per_rank = n // (batch_size * world) * batch_size
+    shard = perm[rank * per_rank:(rank + 1) * per_rank]
+    return shard.view(-1, batch_size).tolist()
+
+
+def build_data(cfg: Config):
+    """The pretraining dataset, checked once: every shape (N, 3) with N at least the crop size."""
+    import data
+    dataset = data.build_dataset(cfg.data, cfg.data_root, "train", num_points=cfg.source_points,
+                                 download=cfg.download)
+    if len(dataset) == 0:
+        raise SystemExit(f"the {cfg.data} training split is empty")
+    points, _ = dataset[0]
+    points = torch.as_tensor(points)
+    if points.ndim != 2 or points.shape[1] != 3:
+        raise SystemExit(f"{describe_item(dataset, 0)}: expected points of shape (N, 3), got {tuple(points.shape)}")
+    need = cfg.global_points if cfg.mode == "mask" else max(cfg.global_points, cfg.local_points)
+    if points.shape[0] < need:
+        raise SystemExit(f"{describe_item(dataset, 0)} has {points.shape[0]} points, but the crops need "
+                         f"{need} (global_points={cfg.global_points}); use a dataset with more points "
+                         "or lower --set global_points=...")
+    return dataset
+
+
+def setup_distributed(cfg: Config):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: NCCL on GPUs, gloo on CPU."""
+    if "RANK" not in os.environ:
+        return 0, 1, resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def train(cfg: Config, resume: str | None = None) -> str:
+    """Pretrain AsymDSD; returns the path of the last checkpoint."""
+    rank, world, device = setup_distributed(cfg)
+    torch.manual_seed(cfg.seed + rank)
+    dataset = build_data(cfg)
+    steps_per_epoch = len(dataset) // (cfg.batch_size * world)
+    if steps_per_epoch == 0:
+        raise SystemExit(f"{len(dataset)} training shapes are fewer than one batch of {cfg.batch_size} x "
+                         f"{world} ranks; lower --batch-size")
+    sched = make_schedules(cfg, steps_per_epoch)
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+
+    model = AsymDSD(cfg).to(device)
+    optimizer = torch.optim.AdamW(model.student.parameters(), lr=cfg.lr, betas=cfg.betas,
+                                  weight_decay=cfg.weight_decay)  # one group, decay on everything (SPEC 6)
+    amp_dtype = autocast_dtype(cfg.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    # All augmentation/masking randomness comes from this generator: saved, so resume is exact.
+    gen = torch.Generator(device).manual_seed(cfg.seed * 7919 + rank)
+    step = 0
+    os.makedirs(cfg.out, exist_ok=True)
+    ckpt_path = os.path.join(cfg.out, "last.pt")
+    if resume:
+        ckpt = torch.load(resume, map_location=device, weights_only=False)
+        load_checked(model.student, ckpt["student"], f"{resume} (student)")
+        load_checked(model.teacher, ckpt["teacher"], f"{resume} (teacher)")
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        gen.set_state(ckpt["generator"][rank].cpu() if isinstance(ckpt["generator"], list) else ckpt["generator"].cpu())
+        step = ckpt["step"]
+        if rank == 0:
+            print(f"resumed from {resume} at step {step}")
+    net = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                  broadcast_buffers=False)
+    if cfg.compile:
+        net = torch.compile(net)
+
+    def checkpoint():
+        states = [gen.get_state()]
+        if world > 1:  # each rank's augmentation stream, so every rank resumes exactly
+            states = [None] * world
+            dist.all_gather_object(states, gen.get_state())
+        if rank == 0:
+            save_checkpoint(ckpt_path, {"student": model.student.state_dict(), "teacher": model.teacher.state_dict(),
+                                        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                                        "generator": states if world > 1 else states[0], "step": step,
+                                        "config": dataclasses.asdict(cfg)})
+
+    import data
+    from tqdm import tqdm
+    log = open(os.path.join(cfg.out, "log.jsonl"), "a") if rank == 0 else None
+    bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="pretrain", dynamic_ncols=True)
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    window_t, window_n = time.perf_counter(), 0
+    try:
+        while step < total_steps:
+            epoch, skip = divmod(step, steps_per_epoch)
+            batches = epoch_batches(len(dataset), cfg.batch_size, epoch, cfg.seed, rank, world)[skip:]
+            loader = torch.utils.data.DataLoader(IndexedDataset(dataset), batch_sampler=batches,
+                                                 num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+                                                 worker_init_fn=getattr(data, "seed_worker", None))
+            for points, index in loader:
+                check_batch(points, index, dataset)
+                for group in optimizer.param_groups:
+                    group["lr"] = float(sched["lr"][step])
+                points = points.to(device, non_blocking=True)
+                # 1. views: crops, augmentation, normalisation, patches (no gradients)
+                with torch.no_grad():
+                    views = make_views(points, cfg, gen)
+                # 2-4. teacher, student, loss
+                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    loss, logs = net(views, float(sched["temp_cls"][step]), float(sched["temp_patch"][step]), gen)
+                nonfinite |= ~torch.isfinite(loss.detach())
+                # 5. optimiser step
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                grad_norm = nn.utils.clip_grad_norm_(model.student.parameters(), cfg.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                # 6. EMA teacher
+                model.update_teacher(float(sched["ema"][step]))
+                step += 1
+                window_n += points.shape[0] * world
+                bar.update(1)
+                last = step == total_steps
+                if step % cfg.log_every == 0 or last or step % steps_per_epoch == 0:
+                    if nonfinite.item():  # the one host sync, every log_every steps
+                        raise FloatingPointError(
+                            f"non-finite loss by step {step}; stopping. The last good checkpoint is {ckpt_path} "
+                            "(written before this happened). Try a lower --lr or --precision fp32.")
+                    vals = {k: round(float(v), 6) for k, v in zip(logs, torch.stack(list(logs.values())).tolist())}
+                    elapsed = time.perf_counter() - window_t
+                    rec = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": round(loss.item(), 6),
+                           **vals, "grad_norm": round(float(grad_norm), 4), "lr": float(sched["lr"][step - 1]),
+                           "ema_momentum": float(sched["ema"][step - 1]),
+                           "teacher_temp_cls": float(sched["temp_cls"][step - 1]),
+                           "teacher_temp_patch": float(sched["temp_patch"][step - 1]),
+                           "samples_per_s": round(window_n / elapsed, 2), "peak_mem_mb": round(peak_memory_mb(device), 1)}
+                    window_t, window_n = time.perf_counter(), 0
+                    if log:
+                        log.write(json.dumps(rec) + "\n")
+                        log.flush()
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")
+                if step % steps_per_epoch == 0 or last or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
+                    checkpoint()
+                if last:
+                    break
+    finally:
+        bar.close()
+        if log:
+            log.close()
+        if world > 1:
+            dist.destroy_process_group()
+    return ckpt_path
+
+
+def parse_value(text: str, default):
+    """Parse a --set value by the type of the Config default."""
+    if isinstance(default, bool):
+        return text.lower() in ("1", "true", "yes")
+    if isinstance(default, tuple):
+        return tuple(type(default[0])(v) for v in text.split(","))
+    if default is None:
+        return None if text.lower() == "none" else (int(text) if text.isdigit() else text)
+    return type(default)(text)
+
+
+def build_config(args) -> Config:
+    """Defaults (AsymDSD-S) <- preset <- mode overrides <- explicit flags <- --set key=value."""
+    cfg = Config(**PRESETS[args.preset])
+    cfg = dataclasses.replace(cfg, mode=args.mode or cfg.mode)
+    cfg = dataclasses.replace(cfg, **MODE_OVERRIDES.get(cfg.mode, {}))
+    flags = {"data": args.data, "data_root": args.data_root, "epochs": args.epochs, "batch_size": args.batch_size,
+             "out": args.out, "device": args.device, "seed": args.seed, "precision": args.precision,
+             "lr": args.lr, "num_workers": args.num_workers, "max_steps": args.max_steps,
+             "log_every": args.log_every}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
+    if args.compile:
+        cfg.compile = True
+    if args.download:
+        cfg.download = True
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise SystemExit(f"--set {item!r}: expected key=value with key one of: {', '.join(fields)}")
+        setattr(cfg, key, parse_value(value, getattr(cfg, key)))
+    return cfg
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="AsymDSD self-supervised pretraining on point clouds",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", help="dataset: modelnet40, shapenet, shapenet55, shapes (procedural, no download), ...")
+    p.add_argument("--data-root", help="dataset folder or archive (default data/<dataset>)")
+    p.add_argument("--download", action="store_true", help="download ModelNet40 if it is missing")
+    p.add_argument("--preset", default="paper", choices=sorted(PRESETS),
+                   help="paper = AsymDSD-S as the official code; tiny = small model for CPU")
+    p.add_argument("--mode", choices=["cls_mask", "cls", "mask"],
+                   help="cls_mask = AsymDSD (default); cls = invariance only; mask = MPM only")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="per GPU/process")
+    p.add_argument("--lr", type=float, help="peak learning rate (official 5e-4 at batch 128, not scaled)")
+    p.add_argument("--out", help="output folder for log.jsonl and last.pt")
+    p.add_argument("--resume", nargs="?", const="auto",
+                   help="continue from a checkpoint (default <out>/last.pt); its config is used")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (faster steps, slow start)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--num-workers", type=int, help="DataLoader workers per process")
+    p.add_argument("--max-steps", type=int, help="stop after this many steps in total")
+    p.add_argument("--log-every", type=int, help="steps between log lines (each costs one host sync)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override any Config field, e.g. --set num_masks=1 predictor_attention=masked_self")
+    args = p.parse_args(argv)
+    cfg = build_config(args)
+    resume = None
+    if args.resume:
+        resume = os.path.join(cfg.out, "last.pt") if args.resume == "auto" else args.resume
+        if not os.path.exists(resume):
+            raise SystemExit(f"--resume: no checkpoint at {resume}")
+        saved = torch.load(resume, map_location="cpu", weights_only=False)["config"]
+        keep = {k: getattr(cfg, k) for k in ("device", "num_workers", "out", "max_steps", "log_every", "compile",
+                                              "data_root")}
+        cfg = dataclasses.replace(Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}), **keep)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps(dataclasses.asdict(cfg)))
+    try:
+        train(cfg, resume)
+    except FloatingPointError as e:
+        raise SystemExit(str(e))
+
+
+if __name__ == "__main__":
+    main()
