@@ -857,10 +857,10 @@ def load_official_encoder(encoder: PointEncoder, official: dict, which: str = "t
 def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: int = 0,
                     warmup_start: float = 0.0) -> torch.Tensor:
     """Linear warm-up warmup_start -> base, then cosine base -> final (CosineAnnealingWarmupSchedule)."""
-    warm = torch.linspace(warmup_start, base, warmup_steps + 1)[:-1] if warmup_steps > 0 else torch.empty(0)
+    warm = torch.linspace(warmup_start, base, warmup_steps + 1, dtype=torch.float64)[:-1]
     t = torch.arange(total_steps - warmup_steps, dtype=torch.float64) / max(total_steps - warmup_steps, 1)
     cos = final + 0.5 * (base - final) * (1 + torch.cos(math.pi * t))
-    return torch.cat([warm.double(), cos])
+    return torch.cat([warm, cos])
 
 
 def linear_warmup_schedule(start: float, end: float, warmup_steps: int, total_steps: int) -> torch.Tensor:
@@ -978,6 +978,30 @@ def setup_distributed(cfg: Config):
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def train_step(net, model: AsymDSD, optimizer, scaler, points, cfg: Config, sched: dict, gen, amp_dtype=None):
+    """One AsymDSD step on a batch of clouds (B, N, 3) already on the device. `net` is the model, or
+    its DDP / compiled wrapper; `sched` holds this step's lr, ema, temp_cls, temp_patch.
+    Returns (loss, logs, grad_norm), detached, with no host sync."""
+    for group in optimizer.param_groups:
+        group["lr"] = sched["lr"]
+    # 1. views: crops, augmentation, normalisation, patches (no gradients)
+    with torch.no_grad():
+        views = make_views(points, cfg, gen)
+    # 2-4. teacher pass, student passes, loss
+    with torch.autocast(points.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        loss, logs = net(views, sched["temp_cls"], sched["temp_patch"], gen)
+    # 5. optimiser step (gradients unscaled before clipping, as Lightning does)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    grad_norm = nn.utils.clip_grad_norm_(model.student.parameters(), cfg.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    # 6. EMA teacher
+    model.update_teacher(sched["ema"])
+    return loss.detach(), logs, grad_norm.detach()
+
+
 def train(cfg: Config, resume: str | None = None) -> str:
     """Pretrain AsymDSD; returns the path of the last checkpoint."""
     rank, world, device = setup_distributed(cfg)
@@ -1045,34 +1069,19 @@ def train(cfg: Config, resume: str | None = None) -> str:
                                                  worker_init_fn=getattr(data, "seed_worker", None))
             for points, index in loader:
                 check_batch(points, index, dataset)
-                for group in optimizer.param_groups:
-                    group["lr"] = float(sched["lr"][step])
-                points = points.to(device, non_blocking=True)
-                # 1. views: crops, augmentation, normalisation, patches (no gradients)
-                with torch.no_grad():
-                    views = make_views(points, cfg, gen)
-                # 2-4. teacher, student, loss
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    loss, logs = net(views, float(sched["temp_cls"][step]), float(sched["temp_patch"][step]), gen)
-                nonfinite |= ~torch.isfinite(loss.detach())
-                # 5. optimiser step
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                grad_norm = nn.utils.clip_grad_norm_(model.student.parameters(), cfg.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                # 6. EMA teacher
-                model.update_teacher(float(sched["ema"][step]))
+                loss, logs, grad_norm = train_step(net, model, optimizer, scaler, points.to(device, non_blocking=True),
+                                                   cfg, {k: float(v[step]) for k, v in sched.items()}, gen, amp_dtype)
+                nonfinite |= ~torch.isfinite(loss)
                 step += 1
                 window_n += points.shape[0] * world
                 bar.update(1)
                 last = step == total_steps
-                if step % cfg.log_every == 0 or last or step % steps_per_epoch == 0:
-                    if nonfinite.item():  # the one host sync, every log_every steps
-                        raise FloatingPointError(
-                            f"non-finite loss by step {step}; stopping. The last good checkpoint is {ckpt_path} "
-                            "(written before this happened). Try a lower --lr or --precision fp32.")
+                save_now = step % steps_per_epoch == 0 or last or (cfg.ckpt_every and step % cfg.ckpt_every == 0)
+                if (step % cfg.log_every == 0 or save_now) and nonfinite.item():  # host sync only here
+                    raise FloatingPointError(
+                        f"non-finite loss by step {step}; stopping. The last good checkpoint is {ckpt_path} "
+                        "(written before this happened). Try a lower --lr or --precision fp32.")
+                if step % cfg.log_every == 0 or save_now:
                     vals = {k: round(float(v), 6) for k, v in zip(logs, torch.stack(list(logs.values())).tolist())}
                     elapsed = time.perf_counter() - window_t
                     rec = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": round(loss.item(), 6),
@@ -1086,7 +1095,7 @@ def train(cfg: Config, resume: str | None = None) -> str:
                         log.write(json.dumps(rec) + "\n")
                         log.flush()
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")
-                if step % steps_per_epoch == 0 or last or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
+                if save_now:
                     checkpoint()
                 if last:
                     break
@@ -1173,8 +1182,9 @@ def main(argv=None):
         print(json.dumps(dataclasses.asdict(cfg)))
     try:
         train(cfg, resume)
-    except FloatingPointError as e:
-        raise SystemExit(str(e))
+    except (FloatingPointError, FileNotFoundError, ValueError) as e:
+        # Bad input and a diverged run end with the message alone, not a stack trace.
+        raise SystemExit(f"error: {e}")
 
 
 if __name__ == "__main__":
