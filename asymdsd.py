@@ -149,6 +149,7 @@ MODE_OVERRIDES = {"mask": dict(num_masks=8)}  # ssrl_model_mask.yaml: multi_mask
 
 def random_rotations(n: int, generator: torch.Generator, device) -> torch.Tensor:
     """n uniformly random 3D rotation matrices (n, 3, 3), from normalised Gaussian quaternions."""
+    # NOTE: official draws scipy Rotation.random() per crop on the CPU; same (Haar) distribution, batched.
     q = torch.randn(n, 4, generator=generator, device=device)
     q = q / q.norm(dim=1, keepdim=True)
     w, x, y, z = q.unbind(1)
@@ -395,6 +396,7 @@ class TransformerEncoder(nn.Module):
         self.norm = RMSNorm(dim)
 
     def forward(self, x, pos, return_hidden: bool = False):            # (B, T, D), (B, T, D)
+        # NOTE: official checkpoints the student's blocks (memory only); AsymDSD-S fits without it.
         hidden = []
         for blk in self.blocks:
             x = blk(x, pos)
@@ -511,6 +513,8 @@ class Predictor(nn.Module):
         if attention not in ("cross", "masked_self", "full_self"):
             raise ValueError(f"predictor attention must be cross, masked_self or full_self, not {attention!r}")
         self.attention = attention
+        # NOTE: official keeps `mask_token` at the top of the model; it belongs to the predictor here
+        # (convert_official_state_dict moves it).
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))  # one learned token for every query
         self.embed = nn.Linear(dim, pred_dim)                   # shared by queries, positions and context
         self.blocks = nn.ModuleList(Block(pred_dim, num_heads, mlp_ratio) for _ in range(depth))
@@ -536,7 +540,9 @@ class Predictor(nn.Module):
 
 class ProjectionHead(nn.Module):
     """MLP D->h->h->b (GELU, biases), L2-normalise, weight-normalised Linear(b->P) with bias and a
-    trainable gain (SPEC 5.1). Weight norm is written out (w = g * v / |v|) instead of a parametrization."""
+    trainable gain (SPEC 5.1)."""
+    # NOTE: official wraps the last Linear in torch.nn.utils.parametrizations.weight_norm; written
+    # out here (w = g * v / |v|, same g/v tensors) so the class copies out without parametrizations.
 
     def __init__(self, dim: int, hidden: int = 1024, bottleneck: int = 256, num_prototypes: int = 4096):
         super().__init__()
@@ -1022,6 +1028,7 @@ def train(cfg: Config, resume: str | None = None) -> str:
     amp_dtype = autocast_dtype(cfg.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     # All augmentation/masking randomness comes from this generator: saved, so resume is exact.
+    # NOTE: official DataLoader workers copy one numpy stream each (SPEC 10.10); here every rank has its own.
     gen = torch.Generator(device).manual_seed(cfg.seed * 7919 + rank)
     step = 0
     os.makedirs(cfg.out, exist_ok=True)
