@@ -130,7 +130,7 @@ def encoder_from_checkpoint(ckpt: dict, which: str = "teacher", num_heads: int |
         state = {k[len("encoder."):]: v for k, v in ckpt[which].items() if k.startswith("encoder.")}
         encoder = asymdsd.PointEncoder(**sizes)
         asymdsd.load_checked(encoder, state, f"the {which} encoder of this checkpoint")
-        patching = dict(num_patches=cfg["global_patches"], patch_size=cfg["patch_size"])
+        patching = dict(num_patches=cfg["global_patches"], patch_size=cfg["patch_size"], num_points=cfg["global_points"])
     elif kind == "export":
         sizes = dict(ckpt["config"])
         encoder = asymdsd.PointEncoder(**sizes)
@@ -162,14 +162,15 @@ def random_encoder(preset: str = "paper", seed: int = 0):
     encoder = asymdsd.AsymDSD(cfg).teacher["encoder"].requires_grad_(True)   # a copy of the initial student
     sizes = dict(dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
                  tokenizer_dims=tuple(cfg.tokenizer_dims), pos_hidden=cfg.pos_hidden, cls_token=True)
-    return encoder.eval(), dict(kind="random", sizes=sizes, num_patches=cfg.global_patches, patch_size=cfg.patch_size)
+    return encoder.eval(), dict(kind="random", sizes=sizes, num_patches=cfg.global_patches, patch_size=cfg.patch_size,
+                                num_points=cfg.global_points)
 
 
 def export_encoder(encoder: asymdsd.PointEncoder, info: dict, path: str):
     """Write {"config": PointEncoder kwargs, "state_dict", "patchify"}; reload elsewhere with
     `enc = PointEncoder(**ckpt["config"]); enc.load_state_dict(ckpt["state_dict"])`."""
     torch.save({"config": dict(info["sizes"]), "state_dict": encoder.state_dict(),
-                "patchify": dict(num_patches=info["num_patches"], patch_size=info["patch_size"])}, path)
+                "patchify": dict(num_patches=info["num_patches"], patch_size=info["patch_size"], num_points=info.get("num_points"))}, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -403,11 +404,13 @@ def build_encoder(args):
 
 
 def patch_settings(args, info: dict, benchmark: str) -> tuple[int, int, int]:
-    """(points, patches, patch size): flags, else the benchmark's, scaled to the encoder's pretraining."""
+    """(points, patches, patch size): flags, else the benchmark's, scaled to the encoder's pretraining
+    (a model pretrained on 512-point crops with 32 patches sees ModelNet40 at 512 points, 32 patches:
+    the point density and patch extent it was trained on)."""
     bench = BENCHMARKS[benchmark]
-    pretrained = info["num_patches"] or 64
-    patches = args.patches or max(1, round(bench["patches"] * pretrained / 64))
-    return args.num_points or bench["points"], patches, args.patch_size or info["patch_size"] or 32
+    patches = args.patches or max(1, round(bench["patches"] * (info.get("num_patches") or 64) / 64))
+    points = args.num_points or max(1, round(bench["points"] * (info.get("num_points") or 1024) / 1024))
+    return points, patches, args.patch_size or info["patch_size"] or 32
 
 
 def load_split(args, split: str, num_points: int, **kw):
@@ -422,7 +425,7 @@ def report(args, command: str, checkpoint: str, settings: dict, metrics: dict, r
     for name, value in rows:
         print(f"  {str(name):<{width}}  {value}")
     settings.update(device=str(args.device), threads=torch.get_num_threads())
-    record = dict(command=command, checkpoint=checkpoint, dataset=settings.pop("dataset"), settings=settings,
+    record = dict(command=command, tag=args.tag, checkpoint=checkpoint, dataset=settings.pop("dataset"), settings=settings,
                   metrics=metrics, date=datetime.datetime.now().isoformat(timespec="seconds"))
     with open(args.results, "a") as fh:
         fh.write(json.dumps(record) + "\n")
@@ -546,6 +549,7 @@ def main(argv=None):
     common.add_argument("--seed", type=int, default=0, help="init / training seed (default: %(default)s)")
     common.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; 1 can be "
                                                     "much faster on a CPU shared with other jobs)")
+    common.add_argument("--tag", help="a label stored with the result (e.g. the ablation row)")
     common.add_argument("--results", default="results.jsonl", help="append one JSON line per command here (default: %(default)s)")
     data_flags = argparse.ArgumentParser(add_help=False)
     data_flags.add_argument("--data-root", help="dataset folder or archive (data.py)")
