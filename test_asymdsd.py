@@ -3,24 +3,43 @@
 Tests that compare against the official code's outputs use ../shared/fixtures and skip where it
 is absent (a fresh clone); everything else makes its own data.
 """
+import dataclasses
+import http.server
+import io
 import json
 import math
 import os
+import pickle
+import re
 import socket
 import subprocess
 import sys
+import threading
+import zipfile
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
 
 import asymdsd as A
+import data
+import evaluate
 
 ROOT = Path(__file__).resolve().parent
 FIXTURE = ROOT.parent / "shared" / "fixtures" / "official_small_asymdsd.pt"
 needs_fixture = pytest.mark.skipif(not FIXTURE.exists(),
                                    reason=f"official oracle fixture not found at {FIXTURE} (fresh clone without ../shared)")
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a busy shared CPU: one thread avoids oversubscription (measured 70x faster)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 # A model small enough for many CPU training steps per second.
 SMALL = dict(embed_dim=32, depth=1, num_heads=2, tokenizer_dims=(16, 32, 64), pos_hidden=16,
@@ -439,3 +458,856 @@ def test_two_process_gloo_torchrun(tmp_path):
     ckpt = torch.load(tmp_path / "ddp" / "last.pt", weights_only=False)
     g0, g1 = ckpt["generator"]
     assert not torch.equal(g0, g1), "each rank draws its own crops"
+
+
+# =============================================================================================
+# data.py: archives, file formats, bad input, download, worker seeding
+# =============================================================================================
+
+CUBE_V = [(x, y, z) for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)]
+CUBE_QUADS = [(0, 1, 3, 2), (4, 6, 7, 5), (0, 4, 5, 1), (2, 3, 7, 6), (0, 2, 6, 4), (1, 5, 7, 3)]
+
+
+def cube_off(scale=1.0, glued_header=False, comments=False, crlf=False) -> str:
+    """A cube as OFF with quad faces, optionally in ModelNet's odd spellings."""
+    head = ["OFF8 6 0"] if glued_header else ["OFF", "8 6 0"]
+    if comments:
+        head = ["# made by a test", ""] + head[:1] + ["# counts next", ""] + head[1:]
+    lines = head + [" ".join(str(scale * c) for c in v) for v in CUBE_V]
+    lines += [("" if not comments else "\n") + "4 " + " ".join(map(str, q)) for q in CUBE_QUADS]
+    return ("\r\n" if crlf else "\n").join(lines) + "\n"
+
+
+def tri_off(vertices, faces) -> str:
+    return "OFF\n%d %d 0\n" % (len(vertices), len(faces)) + "".join(
+        " ".join(map(str, v)) + "\n" for v in vertices) + "".join("3 %d %d %d\n" % tuple(f) for f in faces)
+
+
+def write_off_tree(base, files: dict):
+    """files: {'<class>/<split>/<name>': text or bytes} under base/ModelNet40."""
+    for rel, content in files.items():
+        p = base / "ModelNet40" / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return base / "ModelNet40"
+
+
+def zip_tree(folder, zip_path):
+    with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for d, _, names in os.walk(folder):
+            for n in sorted(names):
+                full = os.path.join(d, n)
+                zf.write(full, os.path.relpath(full, os.path.dirname(folder)))
+    return zip_path
+
+
+def tiny_modelnet(tmp_path):
+    files = {}
+    for c, s in (("chair", 1.0), ("table", 2.0)):
+        for split in ("train", "test"):
+            for k in range(2):
+                files[f"{c}/{split}/{c}_{k:04d}.off"] = cube_off(s * (1 + k), glued_header=(k == 1))
+    return write_off_tree(tmp_path / "src", files)
+
+
+# ----------------------------------------------------------------------------------------------
+# geometry
+# ----------------------------------------------------------------------------------------------
+
+def naive_fps_numpy(points, k, start):
+    chosen = [start]
+    for _ in range(1, k):
+        best, best_d = None, -1.0
+        for i, p in enumerate(points):
+            d = min(float(((p - points[j]) ** 2).sum()) for j in chosen)
+            if d > best_d:
+                best, best_d = i, d
+        chosen.append(best)
+    return np.array(chosen)
+
+
+def test_fps_equals_naive_loop_and_batch_equals_single():
+    rng = np.random.default_rng(0)
+    pts = rng.normal(size=(3, 120, 3))
+    for b in range(3):
+        np.testing.assert_array_equal(data.farthest_point_sample(pts[b], 20, start=b), naive_fps_numpy(pts[b], 20, b))
+    batched = data.farthest_point_sample(pts, 20, start=np.array([0, 1, 2]))
+    for b in range(3):
+        np.testing.assert_array_equal(batched[b], data.farthest_point_sample(pts[b], 20, start=b))
+    assert len(set(batched[0])) == 20
+    with pytest.raises(ValueError):
+        data.farthest_point_sample(pts[0], 121)
+
+
+def test_surface_sampling_is_area_weighted_and_on_surface():
+    # two triangles in z=0 with areas 0.5 (x<1) and 1.5 (x>2): expect 25% / 75%
+    v = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [2, 0, 0], [3, 0, 0], [2, 3, 0]], dtype=float)
+    f = np.array([[0, 1, 2], [3, 4, 5]])
+    pts = data.sample_surface(v, f, 20000, np.random.default_rng(0))
+    assert pts.dtype == np.float32 and pts.shape == (20000, 3)
+    assert np.all(pts[:, 2] == 0)
+    left = pts[:, 0] < 1.5
+    assert abs(left.mean() - 0.25) < 0.02
+    # inside the first triangle: x, y >= 0 and x + y <= 1
+    assert np.all(pts[left, :2] >= -1e-6) and np.all(pts[left].sum(1) <= 1 + 1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# OFF / OBJ parsing, quirks and bad inputs
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw", [{}, {"glued_header": True}, {"comments": True}, {"crlf": True},
+                                {"glued_header": True, "comments": True, "crlf": True}])
+def test_off_quirks_parse(kw):
+    v, f = data.parse_off(cube_off(2.0, **kw), "cube.off")
+    assert v.shape == (8, 3) and f.shape == (12, 3)          # 6 quads -> 12 triangles
+    assert np.abs(v).max() == 2.0
+    area = 0.5 * np.linalg.norm(np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]]), axis=1).sum()
+    assert area == pytest.approx(6 * 16)
+
+
+@pytest.mark.parametrize("text, problem", [
+    (tri_off([(0, 0, 0), (1, 0, 0), (0, 1, 0)], [(0, 1, 3)]), "face index 3 out of range"),
+    (tri_off([(0, 0, 0), (1, 0, 0), (0, 1, 0)], [(0, -1, 2)]), "out of range"),
+    (tri_off([(0, 0, 0), (1, "nan", 0), (0, 1, 0)], [(0, 1, 2)]), "non-finite"),
+    (tri_off([(0, 0, 0), (1, "inf", 0), (0, 1, 0)], [(0, 1, 2)]), "non-finite"),
+    ("OFF\n0 0 0\n", "empty mesh"),
+    ("OFF\n3 1 0\n0 0 0\n1 0 0\n", "truncated"),
+    ("PLY\n3 1 0\n", "no 'OFF' header"),
+    ("OFF\n3 1 0\n0 0 zero\n1 0 0\n0 1 0\n3 0 1 2\n", "unparsable"),
+])
+def test_bad_off_names_file_and_problem(text, problem):
+    with pytest.raises(data.DataFileError, match=problem) as e:
+        data.parse_off(text, "some/bad_0001.off")
+    assert "some/bad_0001.off" in str(e.value)
+
+
+def test_off_colour_columns_and_short_face_line():
+    text = "OFF\n4 2 0\n0 0 0\n1 0 0\n1 1 0\n0 1 0\n3 0 1 2 255 0 0\n3 0 2 3 0 255 0\n"
+    v, f = data.parse_off(text, "c.off")
+    np.testing.assert_array_equal(f, [[0, 1, 2], [0, 2, 3]])
+    with pytest.raises(data.DataFileError, match="unparsable"):
+        data.parse_off("OFF\n3 2 0\n0 0 0\n1 0 0\n0 1 0\n3 0 1 2\n4 0 1\n", "short.off")
+
+
+def test_obj_slashes_negative_indices_polygons():
+    text = ("# obj\nmtllib x.mtl\no a\nv 0 0 0\nv 1 0 0\nv 1 1 0\nv 0 1 0\nvt 0 0\nvn 0 0 1\n"
+            "f 1/1/1 2/1/1 3/1/1 4/1/1\n"          # quad with v/vt/vn
+            "g b\nv 0 0 5\nv 1 0 5\nv 0 1 5\n"
+            "f -3//1 -2//1 -1//1\n")               # negative = relative to vertices so far
+    v, f = data.parse_obj(text, "m.obj")
+    assert v.shape == (7, 3)
+    np.testing.assert_array_equal(f, [[0, 1, 2], [0, 2, 3], [4, 5, 6]])
+    with pytest.raises(data.DataFileError, match="out of range"):
+        data.parse_obj("v 0 0 0\nv 1 0 0\nf 1 2 9\n", "m.obj")
+    with pytest.raises(data.DataFileError, match="empty mesh"):
+        data.parse_obj("# nothing\n", "m.obj")
+    with pytest.raises(data.DataFileError, match="index 0"):
+        data.parse_obj("v 0 0 0\nv 1 0 0\nv 0 1 0\nf 0 1 2\n", "m.obj")
+    flat = "v 0 0 0\nv 1 0 0\nv 2 0 0\nf 1 2 3\n".encode()      # a valid mesh with zero area
+    with pytest.raises(data.DataFileError, match=r"line\.obj: mesh has zero surface area"):
+        data.load_cloud("line.obj", flat, 8, "fps", 0, None)
+
+
+def test_point_files_npy_txt_xyz():
+    arr = np.arange(60, dtype=np.float64).reshape(10, 6)
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    np.testing.assert_array_equal(data.read_points(buf.getvalue(), "a.npy"), arr[:, :3])
+    txt = "\n".join(",".join(map(str, r)) for r in arr) + "\n\n"
+    np.testing.assert_array_equal(data.read_points(txt.encode(), "a.txt"), arr[:, :3])
+    xyz = "\n".join(" ".join(map(str, r[:3])) for r in arr)
+    np.testing.assert_array_equal(data.read_points(xyz.encode(), "a.xyz"), arr[:, :3])
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((10, 2)))
+    with pytest.raises(data.DataFileError, match=r"a\.npy.*shape"):
+        data.read_points(buf.getvalue(), "a.npy")
+    with pytest.raises(data.DataFileError, match="non-finite"):
+        data.read_points(b"1 2 nan\n", "b.xyz")
+
+
+# ----------------------------------------------------------------------------------------------
+# ModelNet40: folder and zip, cache, point files, bad files, missing data, download
+# ----------------------------------------------------------------------------------------------
+
+def test_modelnet40_zip_and_folder_agree_and_cache(tmp_path, monkeypatch):
+    folder = tiny_modelnet(tmp_path)
+    zpath = zip_tree(folder, tmp_path / "ModelNet40.zip")
+    a = data.build_dataset("modelnet40", str(folder), "train", num_points=64)
+    b = data.build_dataset("modelnet40", str(zpath), "train", num_points=64)
+    assert a.classes == b.classes == ["chair", "table"] and len(a) == 4
+    np.testing.assert_array_equal(a.points, b.points)              # same samples from zip and folder
+    x, y = a[2]
+    assert x.dtype == torch.float32 and x.shape == (64, 3) and y == 1
+    assert np.abs(a.points[0]).max() <= 1 + 1e-6 and np.abs(a.points[3]).max() > 2.5  # chair small, table 2x
+    cache = tmp_path / "ModelNet40_cache"                          # next to the zip
+    assert sorted(p.name for p in cache.iterdir()) == ["modelnet40_train_64pts_fps_seed0.json",
+                                                       "modelnet40_train_64pts_fps_seed0.npy"]
+    # the second build reads the cache: sampling is never called
+    monkeypatch.setattr(data, "load_cloud", lambda *a, **k: (_ for _ in ()).throw(AssertionError("rebuilt")))
+    c = data.build_dataset("modelnet40", str(zpath), "train", num_points=64)
+    np.testing.assert_array_equal(c.points, b.points)
+    assert [c[i][1] for i in range(4)] == [0, 0, 1, 1]
+
+
+def test_modelnet40_test_split_deterministic_and_seed_dependent(tmp_path):
+    folder = tiny_modelnet(tmp_path)
+    kw = dict(num_points=32, cache_dir=str(tmp_path / "c1"))
+    a = data.build_dataset("modelnet40", str(folder), "test", **kw)
+    b = data.build_dataset("modelnet40", str(folder), "test", num_points=32, cache_dir=str(tmp_path / "c2"))
+    np.testing.assert_array_equal(a.points, b.points)
+    c = data.build_dataset("modelnet40", str(folder), "test", num_points=32, seed=1, cache_dir=str(tmp_path / "c3"))
+    assert not np.array_equal(a.points, c.points)
+    full = data.build_dataset("modelnet40", str(folder), "test", cache_dir=str(tmp_path / "c4"))
+    assert full.points.shape == (4, data.PRE_SAMPLE_POINTS, 3)   # num_points=None: 16384 mesh samples
+
+
+def test_stale_cache_is_rebuilt(tmp_path):
+    folder = tiny_modelnet(tmp_path)
+    a = data.build_dataset("modelnet40", str(folder), "train", num_points=16)
+    (folder / "chair/train/chair_0000.off").write_text(cube_off(7.0))
+    b = data.build_dataset("modelnet40", str(folder), "train", num_points=16)
+    assert np.abs(b.points[0]).max() == pytest.approx(7.0, rel=1e-5) != np.abs(a.points[0]).max()
+
+
+def test_read_only_data_folder_caches_under_home(tmp_path, monkeypatch):
+    folder = tiny_modelnet(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(os, "access", lambda path, mode: False)        # as on a read-only mount
+    with pytest.warns(UserWarning, match="cannot write the cache"):
+        ds = data.build_dataset("modelnet40", str(folder), "train", num_points=8)
+    assert len(ds) == 4 and list((tmp_path / "home" / ".cache" / "asymdsd").glob("*/modelnet40_train_8pts*.json"))
+
+
+def test_point_file_tree_subsample_and_too_few(tmp_path):
+    rng = np.random.default_rng(0)
+    files = {}
+    for k in range(3):
+        buf = io.BytesIO()
+        np.save(buf, rng.normal(size=(100, 6)).astype(np.float32))
+        files[f"lamp/train/lamp_{k:04d}.npy"] = buf.getvalue()
+    files["lamp/train/lamp_0003.txt"] = "\n".join(",".join(map(str, r)) for r in rng.normal(size=(100, 6)))
+    folder = write_off_tree(tmp_path, files)
+    full = data.build_dataset("modelnet40", str(folder), "train")
+    assert full.points.shape == (4, 100, 3)
+    ds = data.build_dataset("modelnet40", str(folder), "train", num_points=10)
+    src = np.load(folder / "lamp/train/lamp_0000.npy")[:, :3]
+    start = int(data.item_rng(0, "lamp/train/lamp_0000.npy").integers(100))
+    np.testing.assert_array_equal(ds.points[0], src[data.farthest_point_sample(src, 10, start)])
+    rnd = data.build_dataset("modelnet40", str(folder), "train", num_points=10, sampling="random")
+    assert all(any(np.allclose(p, q) for q in src) for p in rnd.points[0])     # a subset of the file
+    with pytest.raises(ValueError, match=r"lamp_0000\.npy: has 100 points, 500 were requested"):
+        data.build_dataset("modelnet40", str(folder), "train", num_points=500)
+
+
+def test_missing_folder_message(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--download") as e:
+        data.build_dataset("modelnet40", str(tmp_path / "nope"), "train")
+    assert "ModelNet40.zip" in str(e.value) and data.MODELNET40_URL in str(e.value)
+    with pytest.raises(FileNotFoundError, match="shapenet.org"):
+        data.build_dataset("shapenet", str(tmp_path / "nope"), "train")
+    with pytest.raises(FileNotFoundError, match="hkust-vgd.github.io/scanobjectnn"):
+        data.build_dataset("scanobjectnn_pbt50rs", str(tmp_path / "nope"), "train")
+    with pytest.raises(FileNotFoundError, match="Point-BERT"):
+        data.build_dataset("modelnet40_fewshot", str(tmp_path / "nope"), "train", way=5, shot=10, fold=0)
+
+
+def test_bad_files_raise_or_skip_with_warning_and_count(tmp_path, capsys):
+    files = {f"cup/train/cup_{k:04d}.off": cube_off(1 + k) for k in range(3)}
+    files["cup/train/cup_0003.off"] = tri_off([(0, 0, 0), (1, 0, 0), (0, 1, 0)], [(0, 1, 5)])
+    files["cup/train/cup_0004.off"] = tri_off([(0, 0, 0), (1, "nan", 0), (0, 1, 0)], [(0, 1, 2)])
+    files["cup/train/cup_0005.off"] = "OFF\n0 0 0\n"
+    folder = write_off_tree(tmp_path, files)
+    with pytest.raises(data.DataFileError, match=r"cup_0003\.off: face index 5 out of range"):
+        data.build_dataset("modelnet40", str(folder), "train", num_points=8)
+    assert not (tmp_path / "ModelNet40_cache" / "modelnet40_train_8pts_fps_seed0.json").exists()
+    for attempt in range(2):                  # the second time from the cache: still reported
+        with pytest.warns(UserWarning) as rec:
+            ds = data.build_dataset("modelnet40", str(folder), "train", num_points=8, skip_bad=True)
+        msgs = " | ".join(str(w.message) for w in rec)
+        assert "cup_0003.off" in msgs and "cup_0004.off: non-finite" in msgs and "cup_0005.off: empty mesh" in msgs
+        assert len(ds) == 3 and "skipped 3 bad file(s)" in capsys.readouterr().out
+    # a cache built with skip_bad must not hide the bad files from a strict run
+    with pytest.raises(data.DataFileError, match="cup_0003"):
+        data.build_dataset("modelnet40", str(folder), "train", num_points=8)
+
+
+def test_corrupt_zip_member_and_truncated_zip(tmp_path, capsys):
+    folder = tiny_modelnet(tmp_path)
+    zpath = zip_tree(folder, tmp_path / "ModelNet40.zip")
+    raw = bytearray(zpath.read_bytes())
+    with zipfile.ZipFile(zpath) as zf:
+        info = zf.getinfo("ModelNet40/chair/train/chair_0001.off")
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    raw[start:start + 8] = b"\x00" * 8       # damage the member's compressed data (CRC / inflate fails)
+    bad = tmp_path / "bad" / "ModelNet40.zip"
+    bad.parent.mkdir()
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(data.DataFileError, match=r"chair_0001\.off: unreadable"):
+        data.build_dataset("modelnet40", str(bad), "train", num_points=8)
+    with pytest.warns(UserWarning, match="chair_0001.off"):
+        ds = data.build_dataset("modelnet40", str(bad), "train", num_points=8, skip_bad=True)
+    assert len(ds) == 3 and "skipped 1 bad file(s)" in capsys.readouterr().out
+    cut = tmp_path / "cut" / "ModelNet40.zip"          # an interrupted copy: no central directory
+    cut.parent.mkdir()
+    cut.write_bytes(bytes(raw[: len(raw) // 2]))
+    with pytest.raises(data.DataFileError, match="not a readable zip"):
+        data.build_dataset("modelnet40", str(cut), "train")
+
+
+def test_pool_build_equals_serial_build(tmp_path):
+    rng = np.random.default_rng(1)
+    files = {}
+    for k in range(70):                                   # > 64 files: the 2-process pool is used
+        buf = io.BytesIO()
+        np.save(buf, rng.normal(size=(40, 3)).astype(np.float32))
+        files[f"vase/train/vase_{k:04d}.npy"] = buf.getvalue()
+    folder = write_off_tree(tmp_path, files)
+    a = data.build_dataset("modelnet40", str(folder), "train", num_points=8, workers=2, cache_dir=str(tmp_path / "a"))
+    b = data.build_dataset("modelnet40", str(folder), "train", num_points=8, workers=1, cache_dir=str(tmp_path / "b"))
+    np.testing.assert_array_equal(a.points, b.points)
+    assert a.files == b.files and len(a) == 70
+
+
+class _Server:
+    """http.server on 127.0.0.1 serving routes {path: (body, declared_length)}."""
+
+    def __init__(self, routes):
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                body, length = routes[self.path]
+                self.send_response(200)
+                self.send_header("Content-Length", str(length))
+                self.end_headers()
+                self.wfile.write(body)            # fewer bytes than declared: the connection just closes
+                self.wfile.flush()
+                self.close_connection = True
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_download_good_interrupted_and_corrupt(tmp_path):
+    folder = tiny_modelnet(tmp_path)
+    good = zip_tree(folder, tmp_path / "served.zip").read_bytes()
+    server = _Server({"/ok.zip": (good, len(good)), "/short.zip": (good[:500], len(good)),
+                      "/junk.zip": (b"x" * 1000, 1000)})
+    try:
+        root = tmp_path / "data" / "ModelNet40"
+        for route, problem in (("/short.zip", "incomplete"), ("/junk.zip", "not a valid zip")):
+            with pytest.raises(OSError, match=problem):
+                data.build_modelnet40(str(root), "train", 8, download_missing=True, url=server.url + route)
+            assert not (root / "ModelNet40.zip").exists() and not (root / "ModelNet40.zip.part").exists()
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "ModelNet40.zip.part").write_bytes(good)  # a leftover .part is never taken for data
+        with pytest.raises(FileNotFoundError):    # and without download=True nothing is fetched
+            data.build_modelnet40(str(root), "train", 8, url=server.url + "/ok.zip")
+        ds = data.build_modelnet40(str(root), "train", 8, download_missing=True, url=server.url + "/ok.zip")
+        assert (root / "ModelNet40.zip").read_bytes() == good and len(ds) == 4
+        again = data.build_modelnet40(str(root), "train", 8)        # now found next to its cache
+        np.testing.assert_array_equal(again.points, ds.points)
+    finally:
+        server.close()
+
+
+def test_download_via_build_dataset_uses_module_url(tmp_path, monkeypatch):
+    folder = tiny_modelnet(tmp_path)
+    good = zip_tree(folder, tmp_path / "served.zip").read_bytes()
+    server = _Server({"/ModelNet40.zip": (good, len(good))})
+    try:
+        monkeypatch.setattr(data, "MODELNET40_URL", server.url + "/ModelNet40.zip")
+        ds = data.build_dataset("modelnet40", str(tmp_path / "dl.zip"), "test", num_points=8, download=True)
+        assert len(ds) == 4 and (tmp_path / "dl.zip").exists()
+    finally:
+        server.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# ShapeNet, ShapeNet-55, ScanObjectNN, few-shot
+# ----------------------------------------------------------------------------------------------
+
+def test_shapenet_zip_of_obj_is_z_up(tmp_path):
+    root = tmp_path / "ShapeNetCore.v2"
+    # a flat square at y = 5 (y is up in ShapeNet): after z-up all z must be 5
+    obj = "v 0 5 0\nv 1 5 0\nv 1 5 1\nv 0 5 1\nf 1/1/1 2/2/2 3/3/3 4/4/4\n"
+    for syn, model in (("02691156", "aaa"), ("02691156", "bbb"), ("03001627", "ccc")):
+        p = root / syn / model / "models" / "model_normalized.obj"
+        p.parent.mkdir(parents=True)
+        p.write_text(obj)
+        (p.parent / "model_normalized.mtl").write_text("newmtl x\n")
+    zpath = zip_tree(root, tmp_path / "ShapeNetCore.v2.zip")
+    import shutil
+    shutil.rmtree(root)                                    # only the zip: found via root + '.zip'
+    ds = data.build_dataset("shapenet", str(root), "train", num_points=32)
+    assert len(ds) == 3 and ds.classes == ["02691156", "03001627"] and [ds[i][1] for i in range(3)] == [0, 0, 1]
+    assert np.all(ds.points[:, :, 2] == 5) and ds.points[:, :, :2].std() > 0.1
+    full = data.build_dataset("shapenet", str(zpath), "train")
+    assert full.points.shape == (3, data.PRE_SAMPLE_POINTS, 3)
+    with pytest.raises(ValueError, match="single split"):
+        data.build_dataset("shapenet", str(zpath), "test")
+
+
+def test_shapenet55_layout(tmp_path):
+    top = tmp_path / "ShapeNet55-34"
+    (top / "shapenet_pc").mkdir(parents=True)
+    (top / "ShapeNet-55").mkdir()
+    names = ["02691156-1a04e3eab45ca15dd86060f189eb133.npy", "03001627-1a6ad7a24bb89733f412783097373bdc.npy",
+             "02691156-ffff.npy"]
+    for k, n in enumerate(names):
+        pts = np.zeros((64, 3), np.float32)
+        pts[:, 1] = k                                  # y = k -> z after z-up
+        pts[:, 0] = np.arange(64)
+        np.save(top / "shapenet_pc" / n, pts)
+    (top / "ShapeNet-55" / "train.txt").write_text(names[0] + "\n" + names[1] + "\n")
+    (top / "ShapeNet-55" / "test.txt").write_text(names[2] + "\n")
+    tr = data.build_dataset("shapenet55", str(tmp_path), "train")
+    te = data.build_dataset("shapenet55", str(top), "test", num_points=16)
+    assert tr.classes == ["02691156", "03001627"] and [tr[i][1] for i in range(2)] == [0, 1]
+    assert np.all(tr.points[1, :, 2] == 1) and te.points.shape == (1, 16, 3) and np.all(te.points[0, :, 2] == 2)
+
+
+def write_scanobjectnn(h5_dir, n=6, points=32):
+    rng = np.random.default_rng(0)
+    made = {}
+    for folder, suffix in set(data.SCANOBJECTNN_FILES.values()):
+        for prefix in ("training", "test"):
+            p = h5_dir / folder / f"{prefix}_{suffix}"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            pts = rng.normal(size=(n, points, 3)).astype(np.float32)
+            lab = np.arange(n) % 15
+            with h5py.File(p, "w") as h5:
+                h5["data"], h5["label"] = pts, lab
+            made[(folder, suffix, prefix)] = (pts, lab)
+    return made
+
+
+def test_scanobjectnn_variants_folder_and_zip(tmp_path):
+    made = write_scanobjectnn(tmp_path / "ScanObjectNN" / "h5_files")
+    for name, (folder, suffix) in data.SCANOBJECTNN_FILES.items():
+        for split, prefix in (("train", "training"), ("test", "test")):
+            ds = data.build_dataset(name, str(tmp_path / "ScanObjectNN"), split)
+            pts, lab = made[(folder, suffix, prefix)]
+            np.testing.assert_array_equal(ds.points, pts[:, :, [2, 0, 1]])
+            assert [ds[i][1] for i in range(len(ds))] == list(lab) and len(ds.classes) == 15
+    zpath = zip_tree(tmp_path / "ScanObjectNN" / "h5_files", tmp_path / "h5_files.zip")
+    ds = data.build_dataset("scanobjectnn_objonly", str(zpath), "test", num_points=8)
+    assert ds.points.shape == (6, 8, 3)
+    with pytest.raises(ValueError, match="has 32 points, 64 were requested"):
+        data.build_dataset("scanobjectnn_objbg", str(zpath), "train", num_points=64)
+
+
+def test_scanobjectnn_nan_sample_skipped_with_warning(tmp_path, capsys):
+    p = tmp_path / "h5_files" / "main_split" / "training_objectdataset.h5"
+    p.parent.mkdir(parents=True)
+    pts = np.ones((3, 16, 3), np.float32)
+    pts[1, 4, 0] = np.nan
+    with h5py.File(p, "w") as h5:
+        h5["data"], h5["label"] = pts, np.array([0, 1, 2])
+    with pytest.raises(data.DataFileError, match=r"\[1\]: non-finite"):
+        data.build_dataset("scanobjectnn_objbg", str(tmp_path), "train")
+    with pytest.warns(UserWarning, match=r"\[1\]"):
+        ds = data.build_dataset("scanobjectnn_objbg", str(tmp_path), "train", skip_bad=True)
+    assert [ds[i][1] for i in range(len(ds))] == [0, 2] and "skipped 1" in capsys.readouterr().out
+
+
+def test_fewshot_pickle(tmp_path):
+    rng = np.random.default_rng(0)
+    d = tmp_path / "ModelNetFewshot" / "5way10shot"
+    d.mkdir(parents=True)
+    origin = [3, 7, 11, 20, 39]
+    fold = {s: [(rng.normal(size=(200, 6)).astype(np.float32), i % 5, origin[i % 5]) for i in range(10)]
+            for s in ("train", "test")}
+    fold["test"][0] = (fold["test"][0][0], [2], np.array([origin[2]]))   # list / array label forms
+    with open(d / "3.pkl", "wb") as fh:
+        pickle.dump(fold, fh)
+    ds = data.build_fewshot(str(tmp_path / "ModelNetFewshot"), 5, 10, 3, "train", num_points=32)
+    same = data.build_dataset("modelnet40_fewshot", str(tmp_path / "ModelNetFewshot"), "train", 32, way=5, shot=10, fold=3)
+    np.testing.assert_array_equal(ds.points, same.points)
+    assert ds.classes == ["bench", "car", "curtain", "laptop", "xbox"]   # MODELNET40_CLASSES[origin]
+    src = fold["train"][4][0][:, [0, 2, 1]]                                # y <-> z
+    start = int(data.item_rng(0, "5way10shot/3.pkl[train][4]").integers(200))   # seeded by a relative key
+    np.testing.assert_array_equal(ds.points[4], src[data.farthest_point_sample(src, 32, start)])
+    te = data.build_fewshot(str(tmp_path / "ModelNetFewshot"), 5, 10, 3, "test")
+    assert te.points.shape == (10, 200, 3) and te[0][1] == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# procedural shapes and worker seeding
+# ----------------------------------------------------------------------------------------------
+
+def test_shapes_deterministic_labels_and_splits():
+    a = data.build_dataset("shapes", None, "train", num_points=128, num_shapes=40)
+    b = data.build_dataset("shapes", "ignored", "train", num_points=128, num_shapes=40)
+    np.testing.assert_array_equal(a.points, b.points)
+    assert len(a) == 40 and a.points.shape == (40, 128, 3) and np.isfinite(a.points).all()
+    labels = [a[i][1] for i in range(len(a))]
+    assert set(labels) == set(range(len(a.classes))) and 8 <= len(a.classes) <= 10
+    te = data.build_dataset("shapes", None, "test", num_points=128, num_shapes=40)
+    assert not np.array_equal(a.points, te.points)
+    other = data.build_dataset("shapes", None, "train", num_points=128, num_shapes=40, seed=1)
+    assert not np.array_equal(a.points, other.points)
+    # shape i does not depend on how many shapes are built
+    np.testing.assert_array_equal(data.build_shapes("train", 128, 5).points, a.points[:5])
+    default = data.build_dataset("shapes", None, "test")
+    assert default.points.shape == (512, 1024, 3)
+    # the plane is flat: its points have one near-zero principal extent
+    plane = a.points[a.classes.index("plane")]
+    assert np.linalg.svd(plane - plane.mean(0), compute_uv=False)[-1] < 1e-3
+
+
+class _RngDataset(torch.utils.data.Dataset):
+    """Holds a numpy Generator, as the official transforms do (SPEC 10.10)."""
+
+    def __init__(self):
+        self.rng = np.random.default_rng(0)
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        info = torch.utils.data.get_worker_info()
+        return info.id, self.rng.random(), np.random.rand()
+
+
+def _draws(worker_init_fn):
+    loader = torch.utils.data.DataLoader(_RngDataset(), batch_size=None, num_workers=2,
+                                         worker_init_fn=worker_init_fn)
+    by_worker = {}
+    for wid, g, n in loader:
+        by_worker.setdefault(int(wid), []).append((float(g), float(n)))
+    return by_worker
+
+
+def test_seed_worker_gives_distinct_streams():
+    plain = _draws(None)
+    # the bug seed_worker fixes: a Generator copied into each worker yields the same stream
+    assert [g for g, _ in plain[0]] == [g for g, _ in plain[1]]
+    seeded = _draws(data.seed_worker)
+    assert [g for g, _ in seeded[0]] != [g for g, _ in seeded[1]]
+    assert [n for _, n in seeded[0]] != [n for _, n in seeded[1]]
+
+
+# =============================================================================================
+# evaluate.py: features, SVM/kNN, fine-tuning, checkpoints, few-shot
+# =============================================================================================
+
+TINY = dict(dim=32, depth=2, num_heads=2, mlp_ratio=2.0, tokenizer_dims=(16, 16, 32), pos_hidden=16)
+
+
+def tiny_encoder(seed=0, **kw):
+    torch.manual_seed(seed)
+    enc = A.PointEncoder(**{**TINY, **kw})
+    for p in enc.parameters():   # default init leaves norms at 1 and the CLS at 0: randomise everything
+        p.data.normal_(0, 0.3)
+    return enc.eval()
+
+
+def toy_clouds(n, num_points=128, seed=0):
+    """Two easily told apart classes: points on a sphere (0) and on a flat square (1)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 2
+    sphere = torch.nn.functional.normalize(torch.randn(n, num_points, 3, generator=g), dim=-1)
+    square = torch.rand(n, num_points, 3, generator=g) * 2 - 1
+    square[..., 2] = 0.01 * square[..., 2]
+    points = torch.where(labels[:, None, None] == 0, sphere, square)
+    return [(points[i], int(labels[i])) for i in range(n)]
+
+
+class ListDataset(list):
+    classes = ["sphere", "square"]
+
+
+# -- features ------------------------------------------------------------------------------------
+
+def test_features_shape_and_unit_norm():
+    data = toy_clouds(10)
+    x, y = evaluate.extract_features(tiny_encoder(), data, num_patches=8, patch_size=8, batch_size=4)
+    assert x.shape == (10, 2 * TINY["dim"]) and y.tolist() == [i % 2 for i in range(10)]
+    assert torch.allclose(x.norm(dim=1), torch.ones(10), atol=1e-5)
+    # no CLS token (MPM-only model): the mean of the patch tokens alone
+    x, _ = evaluate.extract_features(tiny_encoder(cls_token=False), data, 8, 8, batch_size=4)
+    assert x.shape == (10, TINY["dim"])
+
+
+def test_pool_features_parts_and_cls_in_pools():
+    x = torch.randn(3, 5, 4)                                   # CLS + 4 patch tokens
+    out = evaluate.pool_features(x, ("cls", "mean", "max"))
+    assert torch.equal(out, torch.cat([x[:, 0], x[:, 1:].mean(1), x[:, 1:].amax(1)], -1))
+    out = evaluate.pool_features(x, ("mean", "max"), cls_in_pools=True)   # few-shot: CLS inside the pools
+    assert torch.equal(out, torch.cat([x.mean(1), x.amax(1)], -1))
+    with pytest.raises(ValueError, match="no CLS token"):
+        evaluate.pool_features(x, ("cls",), has_cls=False)
+
+
+def test_eval_patches_deterministic_start():
+    pts = torch.randn(2, 64, 3)
+    c1, p1 = evaluate.eval_patches(pts, 8, 4)
+    c2, p2 = evaluate.eval_patches(pts, 8, 4)
+    assert torch.equal(c1, c2) and torch.equal(p1, p2)
+    centre = A.normalize_unit_sphere(pts)[:, 32]          # FPS starts at N//2
+    assert torch.allclose(c1[:, 0], centre)
+
+
+def test_svm_and_knn_separable():
+    g = torch.Generator().manual_seed(0)
+    means = torch.nn.functional.normalize(torch.randn(4, 16, generator=g), dim=1) * 3
+    def sample(n):
+        y = torch.arange(n) % 4
+        return torch.nn.functional.normalize(means[y] + 0.3 * torch.randn(n, 16, generator=g), dim=1), y
+    (xa, ya), (xb, yb) = sample(200), sample(100)
+    assert evaluate.svm_accuracy(xa, ya, xb, yb) > 0.95
+    assert evaluate.knn_accuracy(xa, ya, xb, yb, k=5, chunk=7) > 0.95
+
+
+def test_knn_majority_vote():
+    train = torch.tensor([[1.0, 0], [0.9, 0.1], [0.8, 0.2], [0, 1.0], [0.1, 0.9]])
+    train = torch.nn.functional.normalize(train, dim=1)
+    labels = torch.tensor([0, 1, 1, 2, 2])
+    # nearest neighbour of [1, 0] is class 0, but 2 of its 3 nearest are class 1
+    assert evaluate.knn_accuracy(train, labels, torch.tensor([[1.0, 0]]), torch.tensor([1]), k=3) == 1.0
+
+
+# -- fine-tuning ---------------------------------------------------------------------------------
+
+def test_drop_path_rates_keep_keys_and_eval_output():
+    enc = tiny_encoder()
+    keys = list(enc.state_dict())
+    patches, centers = torch.randn(3, 8, 8, 3), torch.randn(3, 8, 3)
+    ref = enc(patches, centers)
+    evaluate.add_drop_path(enc, 0.5)
+    assert list(enc.state_dict()) == keys                      # loads into a plain PointEncoder
+    assert [b.drop_path for b in enc.encoder.blocks] == [0.0, 0.5]  # linear 0 -> max over depth
+    assert torch.allclose(enc(patches, centers), ref, atol=1e-6)   # eval: exactly the Block
+    enc.train()
+    torch.manual_seed(0)
+    assert not torch.allclose(enc(patches, centers), ref, atol=1e-3)  # training: branches dropped
+
+
+def test_classifier_feature_and_head():
+    model = evaluate.Classifier(tiny_encoder(), 5, cls_feature=True)
+    assert model.head[0].in_features == 3 * TINY["dim"]
+    assert all(m.bias is None for m in model.head if isinstance(m, torch.nn.Linear))
+    assert evaluate.Classifier(tiny_encoder(), 5, cls_feature=False).parts == ("mean", "max")
+    model.eval()
+    assert model(torch.randn(2, 8, 8, 3), torch.randn(2, 8, 3)).shape == (2, 5)
+
+
+def test_lr_schedules_follow_the_protocols():
+    lr, frozen = evaluate.lr_schedule(evaluate.PROTOCOLS["modelnet40"], 150, 10)
+    assert frozen == 50 and len(lr) == 1500
+    assert lr[0] == pytest.approx(5e-4) and lr[499] == pytest.approx(5e-5, rel=0.02)
+    assert lr[500] == 0 and lr[600] == pytest.approx(2e-5) and lr[-1] == pytest.approx(1e-7, rel=0.05)
+    lr, frozen = evaluate.lr_schedule(evaluate.PROTOCOLS["fewshot"], 15, 4)   # --epochs scales the warm-up
+    assert frozen == 0 and lr[0] == pytest.approx(1e-7) and lr[4] == pytest.approx(1e-3)
+    assert lr.max() == pytest.approx(1e-3) and 1e-6 <= lr[-1] < 2e-6   # cosine ends near 1e-6
+
+
+def test_finetune_reduces_loss():
+    train, test = ListDataset(toy_clouds(32, seed=1)), ListDataset(toy_clouds(8, seed=2))
+    model = evaluate.Classifier(tiny_encoder(), 2)
+    protocol = dict(evaluate.PROTOCOLS["scanobjectnn"], epochs=8, warmup_epochs=0, lr=3e-3, final_lr=3e-3)
+    hist = evaluate.finetune(model, train, test, protocol, epochs=8, num_patches=8, patch_size=8, batch_size=16)
+    assert len(hist) == 8 and all(0 <= h["test_acc"] <= 1 for h in hist)
+    assert np.mean([h["train_loss"] for h in hist[-2:]]) < np.mean([h["train_loss"] for h in hist[:2]])
+    assert hist[-1]["test_acc"] >= 0.75                         # spheres vs flat squares: easy
+    s = evaluate.summarize(hist)
+    assert s["last_acc"] == hist[-1]["test_acc"] and s["best_acc"] == max(h["test_acc"] for h in hist)
+
+
+def test_frozen_stage_trains_the_head_only():
+    train = ListDataset(toy_clouds(16))
+    model = evaluate.Classifier(tiny_encoder(), 2)
+    before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    head_before = model.head[0].weight.clone()
+    protocol = dict(evaluate.PROTOCOLS["modelnet40"], epochs=1, frozen_epochs=1)
+    evaluate.finetune(model, train, train, protocol, epochs=1, num_patches=8, patch_size=8, batch_size=8)
+    assert all(torch.equal(before[k], v) for k, v in model.encoder.state_dict().items())
+    assert not torch.equal(head_before, model.head[0].weight)
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+
+def to_official(encoder_state: dict, which="teacher") -> dict:
+    """PointEncoder state -> official Lightning layout: the inverse of A.OFFICIAL_KEY_MAP,
+    written out independently so that the test checks the mapping rather than restating it."""
+    rules = [(r"cls_token", "cls_token"),
+             (r"tokenizer\.(.*)", r"patch_embedding.point_embedding.\1"),
+             (r"pos_embed\.mlp\.(.*)", r"patch_embedding.position_embedding.position_embedding.\1"),
+             (r"encoder\.blocks\.(\d+)\.norm1\.weight", r"encoder.stack.\1.self_attn.norm.weight"),
+             (r"encoder\.blocks\.(\d+)\.attn\.qkv\.weight", r"encoder.stack.\1.self_attn.attn.in_proj_weight"),
+             (r"encoder\.blocks\.(\d+)\.attn\.proj\.weight", r"encoder.stack.\1.self_attn.attn.out_proj.weight"),
+             (r"encoder\.blocks\.(\d+)\.norm2\.weight", r"encoder.stack.\1.ffn.norm.weight"),
+             (r"encoder\.blocks\.(\d+)\.mlp\.fc([12])\.weight", r"encoder.stack.\1.ffn.mlp.linear_\2.weight"),
+             (r"encoder\.norm\.weight", "encoder.norm.weight")]
+    out = {}
+    for key, value in encoder_state.items():
+        pattern, repl = next((p, r) for p, r in rules if re.fullmatch(p, key))
+        out[f"{which}.point_encoder." + re.sub(pattern, repl, key)] = value
+    return out
+
+
+def test_official_layout_round_trip_and_refusals():
+    enc = tiny_encoder()
+    official = to_official(enc.state_dict())
+    loaded, info = evaluate.encoder_from_checkpoint({"state_dict": official}, num_heads=2)
+    assert info["kind"] == "official" and info["sizes"] == dict(TINY, cls_token=True)
+    patches, centers = torch.randn(2, 8, 8, 3), torch.randn(2, 8, 3)
+    assert torch.equal(loaded(patches, centers), enc(patches, centers))
+    with pytest.raises(ValueError, match="--num-heads"):          # width 32 is no released variant
+        evaluate.encoder_from_checkpoint({"state_dict": official})
+    missing = {k: v for k, v in official.items() if not k.endswith("encoder.norm.weight")}
+    with pytest.raises(ValueError, match="1 missing"):
+        evaluate.encoder_from_checkpoint({"state_dict": missing}, num_heads=2)
+    reshaped = dict(official)
+    reshaped["teacher.point_encoder.encoder.stack.1.ffn.mlp.linear_1.weight"] = torch.zeros(48, 32)
+    with pytest.raises(ValueError, match="mis-shaped"):
+        evaluate.encoder_from_checkpoint({"state_dict": reshaped}, num_heads=2)
+    with pytest.raises(ValueError, match="not in the official AsymDSD layout"):
+        evaluate.encoder_from_checkpoint({"state_dict": {**official, "teacher.point_encoder.extra": torch.zeros(1)}},
+                                         num_heads=2)
+    with pytest.raises(ValueError, match="not an AsymDSD checkpoint"):
+        evaluate.encoder_from_checkpoint({"model": {}})
+
+
+def test_project_checkpoint_loads_teacher_or_student():
+    cfg = A.Config(**A.PRESETS["tiny"])
+    cfg = dataclasses.replace(cfg, embed_dim=32, depth=1, num_heads=2, tokenizer_dims=(8, 8, 16), head_hidden=16,
+                              head_bottleneck=8, num_prototypes=16, predictor_dim=16, predictor_depth=1)
+    model = A.AsymDSD(cfg)
+    with torch.no_grad():
+        model.student["encoder"].cls_token.add_(1.0)             # make the branches differ
+    ckpt = {"student": model.student.state_dict(), "teacher": model.teacher.state_dict(),
+            "config": dataclasses.asdict(cfg), "step": 0}
+    for which in ("teacher", "student"):
+        enc, info = evaluate.encoder_from_checkpoint(ckpt, which)
+        assert info["kind"] == "project" and (info["num_patches"], info["patch_size"]) == (cfg.global_patches, cfg.patch_size)
+        assert info["num_points"] == cfg.global_points
+        assert torch.equal(enc.cls_token, getattr(model, which)["encoder"].cls_token)
+    bad = dict(ckpt, config=dict(ckpt["config"], depth=2))
+    with pytest.raises(ValueError, match="missing"):
+        evaluate.encoder_from_checkpoint(bad)
+
+
+def test_export_round_trip_with_only_point_encoder(tmp_path):
+    enc = tiny_encoder()
+    info = dict(kind="random", sizes=dict(TINY, cls_token=True), num_patches=16, patch_size=8)
+    path = tmp_path / "encoder.pt"
+    evaluate.export_encoder(enc, info, str(path))
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)   # plain tensors and numbers only
+    other = A.PointEncoder(**ckpt["config"])
+    other.load_state_dict(ckpt["state_dict"])
+    patches, centers = torch.randn(2, 8, 8, 3), torch.randn(2, 8, 3)
+    assert torch.equal(other.eval()(patches, centers), enc(patches, centers))
+    again, info2 = evaluate.encoder_from_checkpoint(ckpt)
+    assert info2["kind"] == "export" and info2["num_patches"] == 16
+
+
+@pytest.mark.skipif(not os.path.exists(FIXTURE), reason="../shared/fixtures is absent (a fresh clone has no ../shared)")
+def test_oracle_fixture_features_equal_official():
+    fx = torch.load(FIXTURE, map_location="cpu", weights_only=False)
+    enc, info = evaluate.encoder_from_checkpoint({"state_dict": fx["state_dict"]}, num_heads=2)
+    assert info["sizes"]["dim"] == 96 and info["sizes"]["depth"] == 2
+    io = fx["io"]
+    points = io["points_normalized"]
+    centers, patches = evaluate.eval_patches(points, 64, 32, start_idx=io["centers_idx"][:, 0])
+    with torch.no_grad():
+        x = enc(patches, centers)
+    ours = torch.nn.functional.normalize(evaluate.pool_features(x, ("cls", "mean")), dim=-1)
+    t = io["teacher"]
+    official = torch.nn.functional.normalize(torch.cat([t["cls"], t["patch_tokens"].mean(1)], -1), dim=-1)
+    assert torch.allclose(ours, official, atol=1e-5)
+
+
+# -- command line, data through data.py ----------------------------------------------------------
+
+def write_npy_tree(root, per_class=(4, 2), num_points=128):
+    clouds = toy_clouds(2 * sum(per_class), num_points, seed=3)
+    i = 0
+    for split, n in zip(("train", "test"), per_class):
+        for k in range(2 * n):
+            pts, label = clouds[i]
+            i += 1
+            folder = root / ["sphere", "square"][label] / split
+            folder.mkdir(parents=True, exist_ok=True)
+            np.save(folder / f"{k:04d}.npy", pts.numpy())
+
+
+def test_svm_command_end_to_end(tmp_path):
+    write_npy_tree(tmp_path / "mn")
+    results = tmp_path / "results.jsonl"
+    evaluate.main(["svm", "--random-init", "--preset", "tiny", "--data", "modelnet40", "--data-root",
+                   str(tmp_path / "mn"), "--cache-dir", str(tmp_path / "cache"), "--num-points", "128",
+                   "--patches", "8", "--patch-size", "8", "--results", str(results)])
+    rec = json.loads(results.read_text().splitlines()[-1])
+    assert rec["command"] == "svm" and rec["checkpoint"] == "random-init:tiny" and rec["dataset"] == "modelnet40"
+    assert rec["settings"]["patches"] == 8 and rec["metrics"]["test_size"] == 4
+    assert {"svm_acc", "knn_acc"} <= set(rec["metrics"]) and "date" in rec
+
+
+def test_finetune_command_two_stage_end_to_end(tmp_path):
+    write_npy_tree(tmp_path / "mn")
+    results = tmp_path / "results.jsonl"
+    evaluate.main(["finetune", "--random-init", "--preset", "tiny", "--data", "modelnet40", "--data-root",
+                   str(tmp_path / "mn"), "--cache-dir", str(tmp_path / "cache"), "--num-points", "128",
+                   "--patches", "8", "--patch-size", "8", "--epochs", "3", "--runs", "2", "--batch-size", "4",
+                   "--results", str(results)])
+    rec = json.loads(results.read_text().splitlines()[-1])
+    assert rec["settings"]["protocol"] == "modelnet40" and rec["settings"]["epochs"] == 3
+    assert [r["seed"] for r in rec["metrics"]["runs"]] == [0, 1]
+    assert all(len(r["history"]) == 3 for r in rec["metrics"]["runs"])
+    assert {"last_acc_mean", "last_acc_std", "best_acc_mean", "best_acc_std"} <= set(rec["metrics"])
+
+
+def test_export_and_plot_commands(tmp_path):
+    cfg = dataclasses.replace(A.Config(**A.PRESETS["tiny"]), embed_dim=32, depth=1, num_heads=2,
+                              tokenizer_dims=(8, 8, 16), head_hidden=16, head_bottleneck=8, num_prototypes=16,
+                              predictor_dim=16, predictor_depth=1)
+    model = A.AsymDSD(cfg)
+    torch.save({"student": model.student.state_dict(), "teacher": model.teacher.state_dict(),
+                "config": dataclasses.asdict(cfg), "step": 0}, tmp_path / "last.pt")
+    evaluate.main(["export", str(tmp_path / "last.pt"), "--out", str(tmp_path / "enc.pt")])
+    ckpt = torch.load(tmp_path / "enc.pt", weights_only=True)
+    enc = A.PointEncoder(**ckpt["config"])
+    enc.load_state_dict(ckpt["state_dict"])
+    assert torch.equal(enc.cls_token, model.teacher["encoder"].cls_token)
+    log = tmp_path / "log.jsonl"
+    log.write_text("\n".join(json.dumps({"step": s, "loss": 1.0 / s, "loss_cls": 0.5, "lr": 1e-4}) for s in (1, 2, 3)))
+    evaluate.main(["plot", str(log), "--out", str(tmp_path / "curves.png")])
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def write_fewshot_folds(root, way=5, shot=10, folds=(0, 1), num_points=256):
+    """The Point-BERT layout: <way>way_<shot>shot/<fold>.pkl = {'train': [(points (P, 6), label, mn40 idx)], 'test': ...};
+    fewer shots than the name says, to stay tiny."""
+    rng = np.random.default_rng(0)
+    for fold in folds:
+        d = root / f"{way}way_{shot}shot"
+        d.mkdir(parents=True, exist_ok=True)
+        entry = lambda lab: (rng.normal(size=(num_points, 6)).astype(np.float32) * (1 + lab), lab, 10 + lab)
+        folds_data = {"train": [entry(i % way) for i in range(2 * way)], "test": [entry(i % way) for i in range(way)]}
+        with open(d / f"{fold}.pkl", "wb") as fh:
+            pickle.dump(folds_data, fh)
+
+
+def test_fewshot_runs_every_requested_fold(tmp_path):
+    write_fewshot_folds(tmp_path / "fs")
+    results = tmp_path / "results.jsonl"
+    base = ["fewshot", "--random-init", "--preset", "tiny", "--data-root", str(tmp_path / "fs"), "--ways", "5",
+            "--shots", "10", "--epochs", "1", "--num-points", "128", "--patches", "8", "--patch-size", "8",
+            "--results", str(results)]
+    out = evaluate.main(base + ["--folds", "0", "1"])
+    r = out["5way_10shot"]
+    assert [f["fold"] for f in r["folds"]] == [0, 1]
+    assert r["last_acc_mean"] == pytest.approx(np.mean([f["last_acc"] for f in r["folds"]]))
+    rec = json.loads(results.read_text().splitlines()[-1])
+    assert rec["command"] == "fewshot" and rec["settings"]["folds"] == [0, 1]
+    with pytest.raises(FileNotFoundError, match="2.pkl"):     # fold 2 was never written
+        evaluate.main(base + ["--folds", "2"])
