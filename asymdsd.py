@@ -63,6 +63,7 @@ class Config:
     data_root: str | None = None      # folder or archive; None -> data/<Name>
     source_points: int | None = None  # points per source cloud (None: as stored; ShapeNet 16384, SPEC 1.1)
     download: bool = False            # fetch ModelNet40 if missing (never without being asked)
+    skip_bad: bool = False            # skip unreadable files with a warning and a count (default: stop)
     mode: str = "cls_mask"            # cls_mask (AsymDSD) | cls (invariance only) | mask (MPM only), SPEC 5.8
     # multi-crop (SPEC 1.2, ShapeNetCore-U.yaml multi_crop_config)
     num_global_crops: int = 2
@@ -972,7 +973,7 @@ def build_data(cfg: Config):
     """The pretraining dataset, checked once: every shape (N, 3) with N at least the crop size."""
     import data
     dataset = data.build_dataset(cfg.data, cfg.data_root, "train", num_points=cfg.source_points,
-                                 download=cfg.download)
+                                 download=cfg.download, skip_bad=cfg.skip_bad)
     if len(dataset) == 0:
         raise SystemExit(f"the {cfg.data} training split is empty")
     points, _ = dataset[0]
@@ -1159,6 +1160,8 @@ def build_config(args) -> Config:
         cfg.compile = True
     if args.download:
         cfg.download = True
+    if args.skip_bad:
+        cfg.skip_bad = True
     fields = {f.name: f for f in dataclasses.fields(Config)}
     for item in args.set:
         key, sep, value = item.partition("=")
@@ -1174,6 +1177,7 @@ def main(argv=None):
     p.add_argument("--data", help="dataset: modelnet40, shapenet, shapenet55, shapes (procedural, no download), ...")
     p.add_argument("--data-root", help="dataset folder or archive (default data/<dataset>)")
     p.add_argument("--download", action="store_true", help="download ModelNet40 if it is missing")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable shapes (warned, counted) instead of stopping")
     p.add_argument("--preset", default="paper", choices=sorted(PRESETS),
                    help="paper = AsymDSD-S as the official code; tiny = small model for CPU")
     p.add_argument("--mode", choices=["cls_mask", "cls", "mask"],

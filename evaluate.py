@@ -520,20 +520,40 @@ def cmd_export(args):
 
 
 def cmd_plot(args):
-    """Loss terms, teacher entropies and lr of a pretraining log.jsonl against the step."""
+    """Learning curves of one pretraining run: linear-SVM / kNN accuracy of its epoch snapshots
+    (`<run>/epoch_NNN.pt`, evaluated with `svm` into --results) and the loss terms, teacher
+    entropies and lr of its log.jsonl, all against the epoch."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     recs = [json.loads(line) for line in open(args.log) if line.strip()]
     keys = [k for k in recs[0] if k.startswith(("loss", "teacher_entropy")) or k == "lr"]
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        ax.plot([r["step"] for r in recs if key in r], [r[key] for r in recs if key in r])
-        ax.set_title(key)
-        ax.set_xlabel("step")
+    run_dir = os.path.dirname(os.path.abspath(args.log))
+    acc = {}  # epoch -> (svm, knn), the latest record of each snapshot of this run
+    if args.results and os.path.exists(args.results):
+        for line in open(args.results):
+            r = json.loads(line)
+            m = re.fullmatch(r"epoch_(\d+)\.pt", os.path.basename(str(r.get("checkpoint"))))
+            if r.get("command") == "svm" and m and os.path.dirname(os.path.abspath(r["checkpoint"])) == run_dir:
+                acc[int(m.group(1))] = (r["metrics"]["svm_acc"], r["metrics"]["knn_acc"])
+    panels = (["accuracy"] if acc else []) + keys
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3), squeeze=False)
+    for ax, key in zip(axes[0], panels):
+        if key == "accuracy":
+            epochs = sorted(acc)
+            ax.plot(epochs, [100 * acc[e][0] for e in epochs], "o-", label="linear SVM")
+            ax.plot(epochs, [100 * acc[e][1] for e in epochs], "s--", label="kNN (k=5)")
+            if args.baseline is not None:
+                ax.axhline(args.baseline, color="gray", ls=":", label="random init (SVM)")
+            ax.set_title("ModelNet40 test accuracy (%)")
+            ax.legend(fontsize=7)
+        else:
+            ax.plot([r["epoch"] for r in recs if key in r], [r[key] for r in recs if key in r])
+            ax.set_title(key)
+        ax.set_xlabel("epoch")
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out} ({len(acc)} evaluated snapshots)")
 
 
 def main(argv=None):
@@ -590,7 +610,9 @@ def main(argv=None):
     s.add_argument("--out", required=True, help="output .pt: {'config': PointEncoder kwargs, 'state_dict': ...}")
     s.set_defaults(func=cmd_export)
     s = sub.add_parser("plot", help="plot a pretraining log.jsonl")
-    s.add_argument("log")
+    s.add_argument("log", help="a pretraining run's log.jsonl")
+    s.add_argument("--results", help="results file holding `svm` records of the run's epoch_NNN.pt snapshots")
+    s.add_argument("--baseline", type=float, help="random-init SVM accuracy (%%) to draw as a line")
     s.add_argument("--out", default="curves.png")
     s.set_defaults(func=cmd_plot)
     args = p.parse_args(argv)

@@ -418,7 +418,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypat
     assert all(torch.isfinite(v).all() for v in ckpt["student"].values())
 
 
-def test_clear_errors_for_bad_input(tmp_path):
+def test_clear_errors_for_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         A.main(cli(tmp_path / "nowhere", tmp_path / "o"))
     assert "nowhere" in str(e.value) and "download" in str(e.value).lower()
@@ -431,6 +431,10 @@ def test_clear_errors_for_bad_input(tmp_path):
     np.save(bad / "ball" / "train" / "ball_0003.npy", x)
     with pytest.raises(SystemExit, match="ball_0003"):
         A.main(cli(bad, tmp_path / "o"))
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match="ball_0003"):   # --skip-bad: warned and counted, training goes on
+        A.main(cli(bad, tmp_path / "skipped", "--skip-bad", "--max-steps", "1"))
+    assert "skipped 1 bad file" in capsys.readouterr().out
     flat = write_modelnet_folder(tmp_path / "flat")
     np.save(flat / "box" / "train" / "box_0001.npy", np.zeros((300, 2), np.float32))
     with pytest.raises(SystemExit, match="box_0001"):
@@ -1266,7 +1270,7 @@ def test_finetune_command_two_stage_end_to_end(tmp_path):
     assert {"last_acc_mean", "last_acc_std", "best_acc_mean", "best_acc_std"} <= set(rec["metrics"])
 
 
-def test_export_and_plot_commands(tmp_path):
+def test_export_and_plot_commands(tmp_path, capsys):
     cfg = dataclasses.replace(A.Config(**A.PRESETS["tiny"]), embed_dim=32, depth=1, num_heads=2,
                               tokenizer_dims=(8, 8, 16), head_hidden=16, head_bottleneck=8, num_prototypes=16,
                               predictor_dim=16, predictor_depth=1)
@@ -1279,9 +1283,16 @@ def test_export_and_plot_commands(tmp_path):
     enc.load_state_dict(ckpt["state_dict"])
     assert torch.equal(enc.cls_token, model.teacher["encoder"].cls_token)
     log = tmp_path / "log.jsonl"
-    log.write_text("\n".join(json.dumps({"step": s, "loss": 1.0 / s, "loss_cls": 0.5, "lr": 1e-4}) for s in (1, 2, 3)))
-    evaluate.main(["plot", str(log), "--out", str(tmp_path / "curves.png")])
-    assert (tmp_path / "curves.png").stat().st_size > 0
+    log.write_text("\n".join(json.dumps({"step": s, "epoch": s / 2, "loss": 1.0 / s, "loss_cls": 0.5, "lr": 1e-4})
+                             for s in (1, 2, 3)))
+    results = tmp_path / "results.jsonl"
+    svm_rec = lambda ckpt, acc: json.dumps({"command": "svm", "checkpoint": str(ckpt),
+                                            "metrics": {"svm_acc": acc, "knn_acc": acc}})
+    results.write_text("\n".join([svm_rec(tmp_path / "epoch_001.pt", 0.5), svm_rec(tmp_path / "epoch_002.pt", 0.7),
+                                  svm_rec(tmp_path / "other" / "epoch_003.pt", 0.9)]))  # another run: ignored
+    evaluate.main(["plot", str(log), "--results", str(results), "--baseline", "40", "--out", str(tmp_path / "c.png")])
+    assert (tmp_path / "c.png").stat().st_size > 0
+    assert "(2 evaluated snapshots)" in capsys.readouterr().out
 
 
 def write_fewshot_folds(root, way=5, shot=10, folds=(0, 1), num_points=256):
