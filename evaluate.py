@@ -81,8 +81,9 @@ HEADS_BY_WIDTH = {384: 6, 768: 12, 1024: 16}
 
 
 def checkpoint_kind(ckpt: dict) -> str:
-    """'project' (asymdsd.py last.pt), 'export' (this file's export) or 'official' (Lightning)."""
-    if isinstance(ckpt, dict) and {"student", "teacher", "config"} <= set(ckpt):
+    """'project' (asymdsd.py last.pt, or an epoch_NNN.pt snapshot: teacher only), 'export' (this
+    file's export) or 'official' (Lightning)."""
+    if isinstance(ckpt, dict) and {"teacher", "config"} <= set(ckpt):
         return "project"
     if isinstance(ckpt, dict) and "config" in ckpt and any(k.startswith("tokenizer.") for k in ckpt.get("state_dict", {})):
         return "export"
@@ -127,6 +128,8 @@ def encoder_from_checkpoint(ckpt: dict, which: str = "teacher", num_heads: int |
         sizes = dict(dim=cfg["embed_dim"], depth=cfg["depth"], num_heads=num_heads or cfg["num_heads"],
                      mlp_ratio=cfg["mlp_ratio"], tokenizer_dims=tuple(cfg["tokenizer_dims"]),
                      pos_hidden=cfg["pos_hidden"], cls_token=cfg.get("mode", "cls_mask") != "mask")
+        if which not in ckpt:
+            raise ValueError(f"this checkpoint holds no {which} weights (an epoch snapshot keeps the teacher only)")
         state = {k[len("encoder."):]: v for k, v in ckpt[which].items() if k.startswith("encoder.")}
         encoder = asymdsd.PointEncoder(**sizes)
         asymdsd.load_checked(encoder, state, f"the {which} encoder of this checkpoint")
