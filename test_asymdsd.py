@@ -24,6 +24,7 @@ import pytest
 import torch
 
 import asymdsd as A
+import bench
 import data
 import evaluate
 
@@ -1322,3 +1323,84 @@ def test_fewshot_runs_every_requested_fold(tmp_path):
     assert rec["command"] == "fewshot" and rec["settings"]["folds"] == [0, 1]
     with pytest.raises(FileNotFoundError, match="2.pkl"):     # fold 2 was never written
         evaluate.main(base + ["--folds", "2"])
+
+
+# =============================================================================================
+# bench.py: FLOP counts, parameter counts, benchmark commands
+# =============================================================================================
+
+def test_analytic_step_flops_match_flop_counter():
+    """The closed-form count (x3 for trained passes, x1 for the teacher) against FlopCounterMode on
+    one real train_step of the tiny preset."""
+    cfg, _, step = bench.setup_step("tiny", 2, torch.device("cpu"), "fp32", False, source_points=1024)
+    analytic = bench.step_flops(cfg, 2)
+    assert analytic["total"] == sum(v for k, v in analytic.items() if k != "total")
+    counted = bench.counted_flops(step)
+    assert counted > 0
+    assert abs(analytic["total"] / counted - 1) < 0.15
+
+
+@pytest.mark.parametrize("form", ["cross", "masked_self", "full_self"])
+def test_analytic_predictor_flops_match_flop_counter(form):
+    cfg = dataclasses.replace(A.Config(**A.PRESETS["tiny"]), predictor_attention=form)
+    net = A.Predictor(cfg.embed_dim, cfg.predictor_dim, cfg.predictor_depth, cfg.predictor_heads, cfg.mlp_ratio, form)
+    R, Tc, Q = 3, 7, 22
+    context = torch.randn(R, Tc, cfg.embed_dim, requires_grad=True)
+    query_pos = torch.randn(R, Q, cfg.embed_dim, requires_grad=True)
+    counted = bench.counted_flops(lambda: net(context, query_pos).square().mean().backward())
+    analytic = 3 * 2 * R * bench.predictor_macs(cfg, Tc, Q)
+    assert abs(analytic / counted - 1) < 0.15
+
+
+@pytest.fixture(scope="module")
+def paper_model():
+    return A.AsymDSD(A.Config())
+
+
+@pytest.mark.parametrize("preset", ["tiny", "paper"])
+def test_param_counts_by_part_sum_to_total(preset, paper_model):
+    model = paper_model if preset == "paper" else A.AsymDSD(A.Config(**A.PRESETS[preset]))
+    c = bench.param_counts(model)
+    parts = ("tokenizer", "pos_mlp", "transformer", "predictor", "cls_head", "patch_head")
+    assert sum(c[k] for k in parts) == c["student_total"] == sum(p.numel() for p in model.student.parameters())
+    assert c["teacher_total"] == c["student_total"] - c["predictor"]  # the teacher is the student minus predictor
+
+
+def test_paper_encoder_has_about_21_8M_parameters(paper_model):
+    """SPEC 2.4: ~21.24M transformer + 0.49M tokenizer + 0.05M pos-MLP = ~21.8M (README: 21.8M)."""
+    c = bench.param_counts(paper_model)
+    assert c["transformer"] == pytest.approx(21.24e6, rel=0.01)
+    assert c["tokenizer"] == pytest.approx(0.49e6, rel=0.02)
+    assert c["pos_mlp"] == pytest.approx(0.05e6, rel=0.02)
+    assert c["encoder_total"] == pytest.approx(21.8e6, rel=0.01)
+
+
+def test_step_benchmark_cli_writes_finite_numbers_and_expected_keys(tmp_path):
+    out = tmp_path / "bench.json"
+    bench.main(["step", "--presets", "tiny", "--batch-sizes", "2", "--repeats", "2", "--warmup", "1",
+                "--device", "cpu", "--source-points", "1024", "--threads", "1", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert {"date", "command", "device", "torch"} <= set(data["meta"])
+    (r,) = data["step"]
+    keys = {"preset", "batch_size", "min_s", "median_s", "samples_per_s", "peak_mem_mb", "mem_kind",
+            "saved_activations_mb", "params", "flops_per_step", "flops_per_sample", "flops_by_part",
+            "achieved_flops_per_s", "matmul_peak_flops_per_s", "fraction_of_matmul_peak", "flops_counted"}
+    assert keys <= set(r)
+    for k in ("min_s", "median_s", "samples_per_s", "peak_mem_mb", "saved_activations_mb", "flops_per_step",
+              "achieved_flops_per_s", "matmul_peak_flops_per_s", "flops_counted"):
+        assert math.isfinite(r[k]) and r[k] > 0, k
+    assert r["min_s"] <= r["median_s"]
+    assert abs(r["flops_analytic_over_counted"] - 1) < 0.15
+
+
+def test_patchify_and_predictor_benchmarks_run(tmp_path):
+    res = bench.main(["patchify", "--device", "cpu", "--batch-size", "2", "--points", "256", "512",
+                      "--centres", "16", "32", "--repeats", "1"])["patchify"]
+    assert len(res["rows"]) == 4 and all(r["fps_s"] > 0 and r["knn_s"] > 0 for r in res["rows"])
+    assert set(res["fit"]) == {"fps", "knn"}
+    res = bench.main(["predictor", "--device", "cpu", "--rows", "2", "--repeats", "1", "--warmup", "0"])["predictor"]
+    forms = res["forms"]
+    assert set(forms) == {"cross", "masked_self", "full_self"}
+    # Self-attention forms attend to 20 + 45 keys instead of 20: more FLOPs and more saved activations.
+    assert forms["masked_self"]["flops_counted"] > forms["cross"]["flops_counted"]
+    assert forms["masked_self"]["saved_activations_mb"] > forms["cross"]["saved_activations_mb"]

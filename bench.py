@@ -1,0 +1,499 @@
+"""Speed and memory of asymdsd.py: one training step, patchify (FPS + kNN), predictor forms.
+
+  python bench.py step      --presets paper tiny --batch-sizes 2 4   time / memory / FLOPs of train_step
+  python bench.py patchify  --batch-size 32                         FPS + kNN as N and G grow
+  python bench.py predictor --rows 64                               cross vs masked-self vs full-self
+  python bench.py profile   --presets tiny --batch-sizes 16         top ops by self time (torch.profiler)
+  python bench.py all --json bench_cpu.json                         everything at CPU-friendly sizes
+  GPU:  python bench.py step --presets paper --batch-sizes 128 --precision bf16 [--compile]
+  On a CPU shared with other busy processes add --threads 1 (2 threads were 15-24x slower there).
+
+How to read the numbers:
+  - Times are min / median over --repeats after --warmup steps; each step is timed alone, with
+    torch.cuda.synchronize() on both sides on a GPU. On a shared CPU compare ratios from one run.
+  - Peak memory: on CUDA torch.cuda.max_memory_allocated. On CPU every (preset, batch) runs in a
+    fresh spawned process and we report its peak RSS (ru_maxrss) minus its RSS just before the
+    model is built: model + AdamW state + activations + allocator slack (an upper bound).
+  - Model FLOPs are counted analytically from the Config (matmuls and attention, 2 FLOPs per MAC;
+    student passes x3 for forward + backward, the teacher x1) and cross-checked against
+    torch.utils.flop_counter.FlopCounterMode on one step. Achieved FLOP/s = analytic FLOPs / median
+    step time, compared with a large matmul measured in the same process (the practical peak) and,
+    on an H100, the 989 TFLOP/s dense bf16 datasheet peak.
+Dimension letters as in asymdsd.py: B batch, C global / L local crops, M masks, G patches,
+K points per patch, V visible, Q masked, D width, E predictor width, P prototypes.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import datetime
+import json
+import math
+import multiprocessing
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import asymdsd as A
+
+H100_BF16_PEAK = 989e12  # dense (no sparsity) bf16 tensor-core FLOP/s, H100 SXM datasheet
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Timing and memory helpers
+# ----------------------------------------------------------------------------------------------
+
+def sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_once(fn, device) -> float:
+    """Seconds for one call of fn, with the device queue drained on both sides."""
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t
+
+
+def summarize(times: list) -> dict:
+    return {"min_s": min(times), "median_s": statistics.median(times), "all_s": [round(t, 5) for t in times]}
+
+
+def matmul_flops_per_s(device, dtype=torch.float32, n: int = 2048, repeats: int = 5) -> float:
+    """Best FLOP/s of an n x n x n matmul: the practical peak of this device in this process."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    a @ b
+    return 2 * n ** 3 / min(time_once(lambda: a @ b, device) for _ in range(repeats))
+
+
+def rss_mb() -> float:
+    """Current resident set size (Linux /proc), MiB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def saved_activations_mb(fn, params) -> float:
+    """MiB of tensors autograd saves for backward while fn() runs, each storage once, parameters
+    excluded: the activation memory of a forward, exact, and the same on any device for a given dtype."""
+    seen, skip = {}, {p.untyped_storage().data_ptr() for p in params}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in skip:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values()) / 2**20
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Parameter counts and analytic FLOPs
+# ----------------------------------------------------------------------------------------------
+
+def param_counts(model: A.AsymDSD) -> dict:
+    """Student parameters by part (they sum to student_total) and the EMA teacher's total."""
+    s = model.student
+    n = lambda m: sum(p.numel() for p in m.parameters())
+    parts = {"tokenizer": n(s["encoder"].tokenizer), "pos_mlp": n(s["encoder"].pos_embed),
+             "transformer": n(s["encoder"].encoder) + s["encoder"].cls_token.numel(),
+             "predictor": n(s["predictor"]), "cls_head": n(s["cls_head"]), "patch_head": n(s["patch_head"])}
+    return {**parts, "encoder_total": parts["tokenizer"] + parts["pos_mlp"] + parts["transformer"],
+            "student_total": n(s), "teacher_total": n(model.teacher)}
+
+
+def block_macs(tq: int, tk: int, dim: int, hidden: int) -> int:
+    """One pre-norm block on one sequence: q and output projections on tq tokens, k/v projections
+    on tk key tokens, scores and weighted sum (tq x tk x dim each), FFN dim->hidden->dim on tq."""
+    return tq * (2 * dim * dim + 2 * dim * hidden) + tk * 2 * dim * dim + 2 * tq * tk * dim
+
+
+def predictor_macs(cfg: A.Config, Tc: int, Q: int) -> int:
+    """One predictor row: shared D->E projection of Tc context + Q positions, the blocks (keys are the
+    context, or [context ; queries] in the self-attention forms), the E->D output projection."""
+    D, E = cfg.embed_dim, cfg.predictor_dim
+    Tk = Tc if cfg.predictor_attention == "cross" else Tc + Q
+    return D * E * (Tc + Q) + cfg.predictor_depth * block_macs(Q, Tk, E, int(E * cfg.mlp_ratio)) + Q * E * D
+
+
+def step_flops(cfg: A.Config, B: int) -> dict:
+    """Model FLOPs of one cls_mask training step by part (SPEC 3-5), 2 FLOPs per multiply-add.
+    Trained student passes count x3 (forward + backward for inputs and weights), the teacher x1."""
+    assert cfg.mode == "cls_mask", "the analytic count covers the AsymDSD (cls_mask) step"
+    C, L, M, G, Gl, K, D = (cfg.num_global_crops, cfg.num_local_crops, cfg.num_masks, cfg.global_patches,
+                            cfg.local_patches, cfg.patch_size, cfg.embed_dim)
+    Q = round(cfg.mask_ratio * G)
+    V, E, P = G - Q, cfg.predictor_dim, cfg.num_prototypes
+    h1, h2, h3 = cfg.tokenizer_dims
+    tok = K * (3 * h1 + h1 * h2 + 2 * h2 * h3 + h3 * D)                 # per patch (mini-PointNet per point)
+    pos = 3 * cfg.pos_hidden + cfg.pos_hidden * D                        # per centre
+    head = D * cfg.head_hidden + cfg.head_hidden ** 2 + cfg.head_hidden * cfg.head_bottleneck + cfg.head_bottleneck * P
+    enc = lambda T: cfg.depth * block_macs(T, T, D, int(D * cfg.mlp_ratio))      # per sequence of T tokens
+    pred = predictor_macs(cfg, 1 + V, Q)                                # per row
+    teacher = {"tokenizer": B * C * G * tok, "pos_mlp": B * C * G * pos,
+               "transformer": B * C * enc(1 + G),                         # C full crops of 1+G tokens
+               "heads": (B * C + B * C * G) * head}                       # CLS + every patch token
+    student = {"tokenizer": B * (C * G + L * Gl) * tok, "pos_mlp": B * (C * G + L * Gl) * pos,
+               "transformer": B * C * M * enc(1 + V) + B * enc(1 + G) + B * L * enc(1 + Gl),
+               "predictor": B * C * M * pred,                             # C*M rows of Q queries
+               "heads": (B * C * M * Q + B + B * C * M + B * L) * head}   # patch head on Q per row; CLS heads
+    # CLS-loss einsums (teacher crops x student views), forward + grad; KoLeo's B x B similarity
+    # and the small matmuls of view generation are left out (well under 1% of the step)
+    loss = 2 * B * P * (C * L + C * C * M + 1)
+    parts = {f"teacher_{k}": 2 * v for k, v in teacher.items()}
+    parts.update({f"student_{k}": 3 * 2 * v for k, v in student.items()})
+    parts["losses"] = 2 * loss
+    return {"total": sum(parts.values()), **parts}
+
+
+def counted_flops(fn) -> int:
+    """FLOPs FlopCounterMode sees while fn() runs. Attention is forced onto the math SDPA backend,
+    whose matmuls it counts (it has no formula for the fused CPU attention kernel)."""
+    with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. One training step
+# ----------------------------------------------------------------------------------------------
+
+def setup_step(preset: str, B: int, device, precision: str, compile: bool, source_points: int, seed: int = 0):
+    """Model, AdamW (as train() builds it), a random batch and a closure running one train_step."""
+    cfg = dataclasses.replace(A.Config(**A.PRESETS[preset]), batch_size=B)
+    torch.manual_seed(seed)
+    model = A.AsymDSD(cfg).to(device)
+    optimizer = torch.optim.AdamW(model.student.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    amp_dtype = A.autocast_dtype(precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    gen = torch.Generator(device).manual_seed(seed)
+    points = torch.randn(B, source_points, 3, device=device)
+    sched = {"lr": cfg.lr, "ema": 0.996, "temp_cls": 0.04, "temp_patch": 0.05}   # mid-schedule values
+    net = torch.compile(model) if compile else model
+    # step(eager=True) bypasses torch.compile (the FLOP counter runs on the eager model)
+    step = lambda eager=False: A.train_step(model if eager else net, model, optimizer, scaler, points, cfg, sched,
+                                            gen, amp_dtype)
+    return cfg, model, step
+
+
+def step_activations_mb(cfg, model, B, device, amp_dtype, source_points) -> float:
+    """Activations the student saves for backward in one step's forward (as train_step runs it):
+    linear in B, so it predicts the GPU batch that fits."""
+    gen = torch.Generator(device).manual_seed(1)
+    with torch.no_grad():
+        views = A.make_views(torch.randn(B, source_points, 3, device=device), cfg, gen)
+    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        return saved_activations_mb(lambda: model(views, 0.04, 0.05, gen), model.parameters())
+
+
+def bench_step_config(preset: str, B: int, device: str = "cpu", precision: str = "auto", compile: bool = False,
+                      repeats: int = 3, warmup: int = 1, source_points: int = 16384, count: bool = False,
+                      threads: int = 0) -> dict:
+    """Time, memory and FLOPs of train_step for one (preset, batch size). Runs in its own process on CPU."""
+    if threads:
+        torch.set_num_threads(threads)
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32, as the official run (SPEC 6)
+    rss0 = rss_mb()
+    cfg, model, step = setup_step(preset, B, device, precision, compile, source_points)
+    warm = [time_once(step, device) for _ in range(warmup)]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    cpu0 = time.process_time()
+    times = [time_once(step, device) for _ in range(repeats)]
+    cpu_per_step = (time.process_time() - cpu0) / repeats   # robust to other processes on a shared CPU
+    mem = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb() - rss0)
+    amp = A.autocast_dtype(precision, device)
+    acts = step_activations_mb(cfg, model, B, device, amp, source_points)
+    peak = matmul_flops_per_s(device, amp or torch.float32, 4096 if device.type == "cuda" else 1536)
+    flops = step_flops(cfg, B)
+    t = summarize(times)
+    out = {"preset": preset, "batch_size": B, "device": str(device), "precision": str(amp or "fp32"),
+           "compile": compile, "source_points": source_points, "warmup_s": [round(w, 4) for w in warm], **t,
+           "cpu_s_per_step": cpu_per_step, "samples_per_s": B / t["median_s"], "peak_mem_mb": mem,
+           "saved_activations_mb": acts,
+           "mem_kind": "cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss_delta",
+           "params": param_counts(model), "flops_per_step": flops["total"], "flops_per_sample": flops["total"] / B,
+           "flops_by_part": flops, "achieved_flops_per_s": flops["total"] / t["median_s"],
+           "matmul_peak_flops_per_s": peak, "fraction_of_matmul_peak": flops["total"] / t["median_s"] / peak}
+    if device.type == "cuda" and "H100" in torch.cuda.get_device_name(device):
+        out["fraction_of_h100_bf16_peak"] = out["achieved_flops_per_s"] / H100_BF16_PEAK
+    if count:  # one extra step under FlopCounterMode
+        out["flops_counted"] = counted_flops(lambda: step(eager=True))
+        out["flops_analytic_over_counted"] = flops["total"] / out["flops_counted"]
+    return out
+
+
+def batch_sizes(args, preset: str) -> list:
+    return args.tiny_batch_sizes if preset == "tiny" and args.tiny_batch_sizes else args.batch_sizes
+
+
+def run_step(args) -> list:
+    """Every (preset, batch size); on CPU each in a fresh spawned process so its peak RSS is its own.
+    The first batch size of each preset also gets the FlopCounterMode cross-check."""
+    results = []
+    for preset in args.presets:
+        for i, B in enumerate(batch_sizes(args, preset)):
+            kw = dict(preset=preset, B=B, device=args.device, precision=args.precision, compile=args.compile,
+                      repeats=args.repeats, warmup=args.warmup, source_points=args.source_points, count=i == 0,
+                      threads=args.threads)
+            if torch.device(args.device).type == "cpu":
+                with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
+                    r = ex.submit(bench_step_config, **kw).result()
+            else:
+                r = bench_step_config(**kw)
+            results.append(r)
+            print_step_row(r)
+    return results
+
+
+def print_step_row(r: dict):
+    counted = (f"  counted {r['flops_counted'] / 1e9:8.1f} GF (analytic/counted {r['flops_analytic_over_counted']:.3f})"
+               if "flops_counted" in r else "")
+    print(f"{r['preset']:>6} B={r['batch_size']:<4} {r['precision']:>15}  step min {r['min_s']:7.3f} s  "
+          f"median {r['median_s']:7.3f} s  {r['samples_per_s']:8.2f} samples/s  mem {r['peak_mem_mb']:8.1f} MiB  "
+          f"{r['flops_per_sample'] / 1e9:7.2f} GF/sample  {r['achieved_flops_per_s'] / 1e9:8.1f} GF/s = "
+          f"{100 * r['fraction_of_matmul_peak']:.0f}% of matmul peak {r['matmul_peak_flops_per_s'] / 1e9:.0f} GF/s"
+          + counted, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Patchify: FPS and kNN as the cloud (N) and the number of centres (G) grow
+# ----------------------------------------------------------------------------------------------
+
+def run_patchify(args) -> dict:
+    """Time FPS and kNN (K = 32) per (N, G), smallest G*N first; a combination whose time, scaled
+    linearly in G*N from the largest one measured, would exceed --budget-s is skipped and listed."""
+    device, B, k = torch.device(args.device), args.batch_size, 32
+    combos = sorted(((n, g) for n in args.points for g in args.centres), key=lambda c: c[0] * c[1])
+    rows, skipped, last = [], [], None
+    for N, G in combos:
+        if last is not None and (last["fps_s"] + last["knn_s"]) * N * G / (last["N"] * last["G"]) > args.budget_s:
+            skipped.append({"N": N, "G": G, "why": f"predicted > {args.budget_s:.0f} s"})
+            continue
+        gen = torch.Generator(device).manual_seed(0)
+        xyz = A.normalize_unit_sphere(torch.rand(B, N, 3, device=device, generator=gen))
+        fps, knn = [], []
+        for _ in range(args.repeats):  # alternate the two so load changes hit both alike
+            fps.append(time_once(lambda: A.farthest_point_sample(xyz, G, generator=gen), device))
+            centres = xyz[:, :G]
+            knn.append(time_once(lambda: A.knn_group(xyz, centres, k), device))
+        last = {"N": N, "G": G, "B": B, "fps_s": min(fps), "knn_s": min(knn)}
+        rows.append(last)
+        print(f"patchify B={B} N={N:>6} G={G:>4}: FPS {last['fps_s'] * 1e3:9.1f} ms  kNN {last['knn_s'] * 1e3:9.1f} ms",
+              flush=True)
+    for s in skipped:
+        print(f"patchify N={s['N']} G={s['G']} skipped: {s['why']}")
+    return {"batch_size": B, "k": k, "rows": rows, "skipped": skipped, "fit": fit_growth(rows)}
+
+
+def fit_growth(rows: list) -> dict:
+    """Least-squares exponents of time ~ c * N^a * G^b for FPS and kNN (expect a = b = 1)."""
+    if len(rows) < 3:
+        return {}
+    X = np.array([[1, math.log(r["N"]), math.log(r["G"])] for r in rows])
+    fit = {}
+    for op in ("fps", "knn"):
+        coef = np.linalg.lstsq(X, np.log([r[f"{op}_s"] for r in rows]), rcond=None)[0]
+        fit[op] = {"exponent_N": round(float(coef[1]), 2), "exponent_G": round(float(coef[2]), 2)}
+        print(f"{op}: time ~ N^{coef[1]:.2f} * G^{coef[2]:.2f}")
+    return fit
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Predictor forms side by side (forward + backward)
+# ----------------------------------------------------------------------------------------------
+
+def run_predictor(args) -> dict:
+    """cross / masked_self / full_self at the paper's predictor shapes: R rows of 1+V = 20 context
+    tokens and Q = 45 queries, D = 384 -> E = 192, 6 layers, 3 heads. Repeats interleave the forms."""
+    device, cfg = torch.device(args.device), A.Config()
+    Q = round(cfg.mask_ratio * cfg.global_patches)
+    R, Tc = args.rows, 1 + cfg.global_patches - Q                        # context = CLS + V visible
+    forms = ("cross", "masked_self", "full_self")
+    torch.manual_seed(0)
+    nets = {f: A.Predictor(cfg.embed_dim, cfg.predictor_dim, cfg.predictor_depth, cfg.predictor_heads,
+                           cfg.mlp_ratio, f).to(device) for f in forms}
+    context = torch.randn(R, Tc, cfg.embed_dim, device=device, requires_grad=True)
+    query_pos = torch.randn(R, Q, cfg.embed_dim, device=device, requires_grad=True)
+    amp = A.autocast_dtype(args.precision, device)
+
+    def fwd(f):
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            return nets[f](context, query_pos).float().square().mean()
+    step = {f: (lambda f=f: fwd(f).backward()) for f in forms}
+    for f in forms:
+        [step[f]() for _ in range(args.warmup)]
+    times = {f: [] for f in forms}
+    for _ in range(args.repeats):
+        for f in forms:
+            times[f].append(time_once(step[f], device))
+    out = {"rows": R, "context": Tc, "queries": Q, "precision": str(amp or "fp32"), "forms": {}}
+    for f in forms:
+        analytic = 3 * 2 * R * predictor_macs(dataclasses.replace(cfg, predictor_attention=f), Tc, Q)  # fwd + bwd
+        row = {**summarize(times[f]), "saved_activations_mb": saved_activations_mb(lambda: fwd(f), nets[f].parameters()),
+               "flops_counted": counted_flops(step[f]), "flops_analytic": analytic}
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            step[f]()
+            row["cuda_peak_mb"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        out["forms"][f] = row
+    ref = out["forms"]["cross"]["median_s"]
+    for f, r in out["forms"].items():
+        r["time_vs_cross"] = r["median_s"] / ref
+        print(f"predictor {f:>11} R={R}: median {r['median_s'] * 1e3:8.1f} ms (x{r['time_vs_cross']:.2f} of cross)  "
+              f"saved activations {r['saved_activations_mb']:7.1f} MiB  {r['flops_counted'] / 1e9:7.2f} GF counted")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Profile of one step (top ops by self time, host syncs)
+# ----------------------------------------------------------------------------------------------
+
+def run_profile(args) -> dict:
+    """torch.profiler over --repeats steps after warm-up. Ops that copy a device value to the host
+    (aten::item / _local_scalar_dense, nonzero) would show a hidden sync inside the step."""
+    from torch.profiler import ProfilerActivity, profile
+    device = torch.device(args.device)
+    preset = "tiny" if args.what == "all" else args.presets[0]
+    B = batch_sizes(args, preset)[0]
+    _, _, step = setup_step(preset, B, device, args.precision, False, args.source_points)
+    for _ in range(max(args.warmup, 1)):
+        step()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(args.repeats):
+            step()
+            sync(device)
+    events = prof.key_averages()
+    self_us = (lambda e: e.self_device_time_total) if device.type == "cuda" else (lambda e: e.self_cpu_time_total)
+    total = sum(self_us(e) for e in events)
+    top = sorted(events, key=self_us, reverse=True)[:15]
+    rows = [{"op": e.key, "self_ms_per_step": self_us(e) / 1e3 / args.repeats, "self_pct": 100 * self_us(e) / total,
+             "calls_per_step": e.count / args.repeats} for e in top]
+    syncs = {e.key: e.count // args.repeats for e in events
+             if e.key in ("aten::item", "aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select")}
+    print(f"profile {preset} B={B}: top ops by self {device.type.upper()} time per step")
+    for r in rows:
+        print(f"  {r['op'][:60]:<60} {r['self_ms_per_step']:9.1f} ms  {r['self_pct']:5.1f}%  {r['calls_per_step']:6.0f} calls")
+    print(f"  host-sync ops per step: {syncs or 'none'}")
+    phases = phase_times(preset, B, device, args.precision, args.source_points, args.repeats)
+    print("  phases (median ms): " + "  ".join(f"{k} {v * 1e3:.0f} ({100 * v / sum(phases.values()):.0f}%)"
+                                              for k, v in phases.items()))
+    return {"preset": preset, "batch_size": B, "top_ops": rows, "sync_ops_per_step": syncs, "phases_s": phases}
+
+
+def phase_times(preset, B, device, precision, source_points, repeats) -> dict:
+    """Median seconds of each part of a step, run as train_step runs them (synchronised after each,
+    which adds syncs the real step does not have)."""
+    cfg, model, _ = setup_step(preset, B, device, precision, False, source_points)
+    opt = torch.optim.AdamW(model.student.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    amp = A.autocast_dtype(precision, device)
+    gen, points = torch.Generator(device).manual_seed(0), torch.randn(B, source_points, 3, device=device)
+    parts = {k: [] for k in ("views", "teacher", "student", "loss", "backward", "clip_adamw", "ema")}
+    for i in range(repeats + 1):                                  # the first round is warm-up
+        t, state = [], {}
+        mark = lambda: (sync(device), t.append(time.perf_counter()))
+        mark()
+        with torch.no_grad():
+            views = A.make_views(points, cfg, gen)
+        mark()
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            state["teacher"] = model.forward_teacher(*views["global"], 0.04, 0.05)
+            mark()
+            state["student"] = model.forward_student(views, gen)
+            mark()
+            loss, _ = model.forward_loss(state["student"], state["teacher"])
+            mark()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        mark()
+        torch.nn.utils.clip_grad_norm_(model.student.parameters(), cfg.grad_clip)
+        opt.step()
+        mark()
+        model.update_teacher(0.996)
+        mark()
+        for k, a, b in zip(parts, t, t[1:]):
+            parts[k] += [b - a] if i else []
+    return {k: statistics.median(v) for k, v in parts.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. CLI
+# ----------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("what", choices=["step", "patchify", "predictor", "profile", "all"])
+    p.add_argument("--presets", nargs="+", default=None, choices=sorted(A.PRESETS), help="default: paper tiny")
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=None,
+                   help="default: 128 on CUDA, 2 4 on CPU (tiny: see --tiny-batch-sizes)")
+    p.add_argument("--tiny-batch-sizes", nargs="+", type=int, default=None, help="batch sizes for the tiny preset "
+                   "when they should differ from --batch-sizes (default on CPU with no --batch-sizes: 16 32)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 (or fp16) autocast on CUDA, fp32 on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (first warm-up step compiles)")
+    p.add_argument("--source-points", type=int, default=16384, help="points per input cloud (ShapeNet: 16384)")
+    p.add_argument("--batch-size", type=int, default=None, help="patchify: clouds per batch (CPU 32, CUDA 128)")
+    p.add_argument("--points", nargs="+", type=int, default=[1024, 2048, 8192, 16384], help="patchify: N")
+    p.add_argument("--centres", nargs="+", type=int, default=[64, 128, 512], help="patchify: G")
+    p.add_argument("--budget-s", type=float, default=20.0, help="patchify: skip combos predicted slower than this")
+    p.add_argument("--rows", type=int, default=None, help="predictor: R = B*C*M rows (paper 1024; CPU default 64)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default). On a CPU shared "
+                   "with busy processes use 1: OpenMP regions with 2 threads stall when a core is taken")
+    p.add_argument("--json", default=None, help="write the results here")
+    args = p.parse_args(argv)
+    args.device = str(A.resolve_device(args.device))
+    cpu = args.device == "cpu"
+    args.presets = args.presets or ["paper", "tiny"]
+    if args.batch_sizes is None:
+        args.batch_sizes = [2, 4] if cpu else [128]
+        if cpu and args.tiny_batch_sizes is None:
+            args.tiny_batch_sizes = [16, 32]
+    args.batch_size = args.batch_size or (32 if cpu else 128)
+    args.rows = args.rows or (64 if cpu else 1024)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    command = " ".join(["python", "bench.py"] + (sys.argv[1:] if argv is None else list(argv)))
+    meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "command": command,
+            "device": args.device, "device_name": (torch.cuda.get_device_name() if args.device.startswith("cuda")
+                                                   else platform.processor() or platform.machine()),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version()}
+    results = {"meta": meta}
+    jobs = {"step": run_step, "patchify": run_patchify, "predictor": run_predictor, "profile": run_profile}
+    for name in (jobs if args.what == "all" else [args.what]):
+        results[name] = jobs[name](args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()
