@@ -536,12 +536,20 @@ def cmd_plot(args):
     if args.results and os.path.exists(args.results):
         for line in open(args.results):
             r = json.loads(line)
-            m = re.fullmatch(r"epoch_(\d+)\.pt", os.path.basename(str(r.get("checkpoint"))))
-            if r.get("command") == "svm" and m and os.path.dirname(os.path.abspath(r["checkpoint"])) == run_dir:
-                acc[int(m.group(1))] = (r["metrics"]["svm_acc"], r["metrics"]["knn_acc"])
+            name = os.path.basename(str(r.get("checkpoint")))
+            m = re.fullmatch(r"epoch_(\d+)\.pt", name)
+            if r.get("command") != "svm" or os.path.dirname(os.path.abspath(r["checkpoint"])) != run_dir:
+                continue
+            if m or name == "last.pt":  # last.pt: the run's final epoch
+                epoch = int(m.group(1)) if m else round(recs[-1]["epoch"])
+                acc[epoch] = (r["metrics"]["svm_acc"], r["metrics"]["knn_acc"])
     panels = (["accuracy"] if acc else []) + keys
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3), squeeze=False)
-    for ax, key in zip(axes[0], panels):
+    cols = min(4, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.8 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, key in zip(axes.flat, panels):
         if key == "accuracy":
             epochs = sorted(acc)
             ax.plot(epochs, [100 * acc[e][0] for e in epochs], "o-", label="linear SVM")
