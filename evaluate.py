@@ -567,6 +567,25 @@ def cmd_plot(args):
     print(f"wrote {args.out} ({len(acc)} evaluated snapshots)")
 
 
+def cmd_table(args):
+    """A results file as a markdown table: one row per tag (the part before '/seed'), with the
+    SVM / kNN accuracy of every seed and their mean, so runs from several sessions add up."""
+    rows = {}
+    for line in open(args.results):
+        r = json.loads(line)
+        if r.get("command") != "svm" or not r.get("tag"):
+            continue
+        name, _, seed = r["tag"].partition("/seed")
+        rows.setdefault(name, {})[seed or "0"] = (100 * r["metrics"]["svm_acc"], 100 * r["metrics"]["knn_acc"])
+    print("| row | seeds | linear SVM (per seed) | mean SVM | kNN (per seed) |")
+    print("|---|---|---|---|---|")
+    for name, seeds in rows.items():
+        svm = [seeds[k][0] for k in sorted(seeds)]
+        knn = [seeds[k][1] for k in sorted(seeds)]
+        print(f"| {name} | {', '.join(sorted(seeds))} | {', '.join(f'{v:.2f}' for v in svm)} | "
+              f"{np.mean(svm):.2f} | {', '.join(f'{v:.2f}' for v in knn)} |")
+
+
 def main(argv=None):
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("checkpoint", nargs="?", help="asymdsd.py last.pt, an official .ckpt, or an export")
@@ -626,6 +645,9 @@ def main(argv=None):
     s.add_argument("--baseline", type=float, help="random-init SVM accuracy (%%) to draw as a line")
     s.add_argument("--out", default="curves.png")
     s.set_defaults(func=cmd_plot)
+    s = sub.add_parser("table", help="a results file's tagged svm records as a markdown table (seeds grouped)")
+    s.add_argument("results")
+    s.set_defaults(func=cmd_table)
     args = p.parse_args(argv)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)

@@ -1294,6 +1294,13 @@ def test_export_and_plot_commands(tmp_path, capsys):
     evaluate.main(["plot", str(log), "--results", str(results), "--baseline", "40", "--out", str(tmp_path / "c.png")])
     assert (tmp_path / "c.png").stat().st_size > 0
     assert "(2 evaluated snapshots)" in capsys.readouterr().out
+    tagged = lambda tag, acc: json.dumps({"command": "svm", "tag": tag, "metrics": {"svm_acc": acc, "knn_acc": acc}})
+    results.write_text("\n".join([tagged("cls_only/seed0", 0.60), tagged("cls_only/seed1", 0.70),
+                                  tagged("asymdsd/seed0", 0.80), svm_rec(tmp_path / "untagged.pt", 0.1)]))
+    evaluate.main(["table", str(results)])
+    table = capsys.readouterr().out.splitlines()
+    assert "| cls_only | 0, 1 | 60.00, 70.00 | 65.00 |" in table[2] and table[3].startswith("| asymdsd | 0 |")
+    assert len(table) == 4, "untagged records are not rows"
 
 
 def write_fewshot_folds(root, way=5, shot=10, folds=(0, 1), num_points=256):
