@@ -1031,7 +1031,7 @@ def train_step(net, model: AsymDSD, optimizer, scaler, points, cfg: Config, sche
 def train(cfg: Config, resume: str | None = None) -> str:
     """Pretrain AsymDSD; returns the path of the last checkpoint."""
     rank, world, device = setup_distributed(cfg)
-    torch.manual_seed(cfg.seed + rank)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank; augmentation streams differ (gen)
     dataset = build_data(cfg)
     steps_per_epoch = len(dataset) // (cfg.batch_size * world)
     if steps_per_epoch == 0:
