@@ -140,7 +140,8 @@ def step_flops(cfg: A.Config, B: int) -> dict:
     Q = round(cfg.mask_ratio * G)
     V, E, P = G - Q, cfg.predictor_dim, cfg.num_prototypes
     h1, h2, h3 = cfg.tokenizer_dims
-    tok = K * (3 * h1 + h1 * h2 + 2 * h2 * h3 + h3 * D)                 # per patch (mini-PointNet per point)
+    # per patch: mini-PointNet per point; the pooled half of block 2's first Linear once per patch
+    tok = K * (3 * h1 + h1 * h2 + h2 * h3 + h3 * D) + h2 * h3
     pos = 3 * cfg.pos_hidden + cfg.pos_hidden * D                        # per centre
     head = D * cfg.head_hidden + cfg.head_hidden ** 2 + cfg.head_hidden * cfg.head_bottleneck + cfg.head_bottleneck * P
     enc = lambda T: cfg.depth * block_macs(T, T, D, int(D * cfg.mlp_ratio))      # per sequence of T tokens

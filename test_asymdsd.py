@@ -1344,7 +1344,8 @@ def test_analytic_step_flops_match_flop_counter():
     assert analytic["total"] == sum(v for k, v in analytic.items() if k != "total")
     counted = bench.counted_flops(step)
     assert counted > 0
-    assert abs(analytic["total"] / counted - 1) < 0.15
+    # Tight: a second teacher pass per mask, or a head called per crop, would be far outside this.
+    assert abs(analytic["total"] / counted - 1) < 0.01
 
 
 @pytest.mark.parametrize("form", ["cross", "masked_self", "full_self"])
