@@ -43,9 +43,10 @@ from tqdm import tqdm
 
 import asymdsd
 
-# Points per cloud and patches per cloud of each benchmark for the paper's model (SPEC 7.2-7.5).
-# A checkpoint pretrained with fewer patches per 1024 points (the tiny preset: 32) gets the same
-# ratio here: patches = BENCHMARK patches * global_patches / 64.
+# Points per cloud and patches per cloud of each benchmark (SPEC 7.2-7.5), 32 points per patch.
+# These define the benchmark's input and apply to every encoder, whatever crop sizes it was
+# pretrained on (the official callbacks fix them per dataset); --num-points/--patches/--patch-size override.
+BENCHMARK_PATCH_SIZE = 32
 BENCHMARKS = {
     "modelnet40": dict(points=1024, patches=64, protocol="modelnet40"),
     "modelnet40_fewshot": dict(points=1024, patches=64, protocol="fewshot"),
@@ -407,13 +408,12 @@ def build_encoder(args):
 
 
 def patch_settings(args, info: dict, benchmark: str) -> tuple[int, int, int]:
-    """(points, patches, patch size): flags, else the benchmark's, scaled to the encoder's pretraining
-    (a model pretrained on 512-point crops with 32 patches sees ModelNet40 at 512 points, 32 patches:
-    the point density and patch extent it was trained on)."""
+    """(points, patches, patch size): the flags, else the benchmark's protocol (SPEC 7.5: ModelNet40
+    1024 points, 64 patches x 32; ScanObjectNN 2048, 128 x 32), for every encoder. The tiny preset is
+    pretrained on 512-point crops in 32 x 16 patches; `--num-points 512 --patches 32 --patch-size 16`
+    evaluates it at that density instead."""
     bench = BENCHMARKS[benchmark]
-    patches = args.patches or max(1, round(bench["patches"] * (info.get("num_patches") or 64) / 64))
-    points = args.num_points or max(1, round(bench["points"] * (info.get("num_points") or 1024) / 1024))
-    return points, patches, args.patch_size or info["patch_size"] or 32
+    return args.num_points or bench["points"], args.patches or bench["patches"], args.patch_size or BENCHMARK_PATCH_SIZE
 
 
 def load_split(args, split: str, num_points: int, **kw):
@@ -568,21 +568,25 @@ def cmd_plot(args):
 
 
 def cmd_table(args):
-    """A results file as a markdown table: one row per tag (the part before '/seed'), with the
-    SVM / kNN accuracy of every seed and their mean, so runs from several sessions add up."""
+    """A results file as a markdown table: one row per tag (the part before '/seed') and benchmark
+    input (points, patches x patch size), with the SVM / kNN accuracy of every seed and their mean,
+    so runs from several sessions add up and results of different inputs never mix. The latest
+    record of a (row, input, seed) counts."""
     rows = {}
     for line in open(args.results):
         r = json.loads(line)
         if r.get("command") != "svm" or not r.get("tag"):
             continue
         name, _, seed = r["tag"].partition("/seed")
-        rows.setdefault(name, {})[seed or "0"] = (100 * r["metrics"]["svm_acc"], 100 * r["metrics"]["knn_acc"])
-    print("| row | seeds | linear SVM (per seed) | mean SVM | kNN (per seed) |")
-    print("|---|---|---|---|---|")
-    for name, seeds in rows.items():
+        s = r["settings"]
+        key = (name, f"{s['points']} pts, {s['patches']} x {s['patch_size']}")
+        rows.setdefault(key, {})[seed or "0"] = (100 * r["metrics"]["svm_acc"], 100 * r["metrics"]["knn_acc"])
+    print("| row | input | seeds | linear SVM (per seed) | mean SVM | kNN (per seed) |")
+    print("|---|---|---|---|---|---|")
+    for (name, inp), seeds in rows.items():
         svm = [seeds[k][0] for k in sorted(seeds)]
         knn = [seeds[k][1] for k in sorted(seeds)]
-        print(f"| {name} | {', '.join(sorted(seeds))} | {', '.join(f'{v:.2f}' for v in svm)} | "
+        print(f"| {name} | {inp} | {', '.join(sorted(seeds))} | {', '.join(f'{v:.2f}' for v in svm)} | "
               f"{np.mean(svm):.2f} | {', '.join(f'{v:.2f}' for v in knn)} |")
 
 
@@ -605,9 +609,8 @@ def main(argv=None):
     data_flags.add_argument("--data-root", help="dataset folder or archive (data.py)")
     data_flags.add_argument("--cache-dir", help="where data.py caches sampled clouds (default: next to the data)")
     data_flags.add_argument("--num-points", type=int, help="points per cloud (default 1024 ModelNet40, 2048 ScanObjectNN)")
-    data_flags.add_argument("--patches", type=int, help="patches per cloud (default: the benchmark's 64/128, scaled "
-                                                        "by the checkpoint's pretraining global_patches / 64)")
-    data_flags.add_argument("--patch-size", type=int, help="points per patch (default: the checkpoint's, else 32)")
+    data_flags.add_argument("--patches", type=int, help="patches per cloud (default: the benchmark's, 64 ModelNet40, 128 ScanObjectNN)")
+    data_flags.add_argument("--patch-size", type=int, help="points per patch (default: 32, SPEC 7.5)")
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)

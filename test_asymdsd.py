@@ -3,6 +3,7 @@
 Tests that compare against the official code's outputs use ../shared/fixtures and skip where it
 is absent (a fresh clone); everything else makes its own data.
 """
+import argparse
 import dataclasses
 import http.server
 import io
@@ -1201,6 +1202,17 @@ def test_project_checkpoint_loads_teacher_or_student():
         evaluate.encoder_from_checkpoint(bad)
 
 
+def test_patch_settings_are_the_benchmark_protocol_for_every_encoder():
+    """SPEC 7.5: ModelNet40 at 1024 points in 64 x 32 patches, ScanObjectNN at 2048 in 128 x 32,
+    whatever crop sizes the encoder was pretrained on; flags override each value."""
+    tiny = dict(num_patches=32, patch_size=16, num_points=512)
+    none = argparse.Namespace(num_points=None, patches=None, patch_size=None)
+    assert evaluate.patch_settings(none, tiny, "modelnet40") == (1024, 64, 32)
+    assert evaluate.patch_settings(none, tiny, "scanobjectnn_pbt50rs") == (2048, 128, 32)
+    flags = argparse.Namespace(num_points=512, patches=32, patch_size=16)
+    assert evaluate.patch_settings(flags, tiny, "modelnet40") == (512, 32, 16)
+
+
 def test_export_round_trip_with_only_point_encoder(tmp_path):
     enc = tiny_encoder()
     info = dict(kind="random", sizes=dict(TINY, cls_token=True), num_patches=16, patch_size=8)
@@ -1412,3 +1424,16 @@ def test_patchify_and_predictor_benchmarks_run(tmp_path):
     # Self-attention forms attend to 20 + 45 keys instead of 20: more FLOPs and more saved activations.
     assert forms["masked_self"]["flops_counted"] > forms["cross"]["flops_counted"]
     assert forms["masked_self"]["saved_activations_mb"] > forms["cross"]["saved_activations_mb"]
+
+
+def test_table_groups_seeds_and_keeps_inputs_apart(tmp_path, capsys):
+    def rec(tag, acc, points=1024, patches=64, size=32):
+        return json.dumps({"command": "svm", "tag": tag, "metrics": {"svm_acc": acc, "knn_acc": acc / 2},
+                           "settings": {"points": points, "patches": patches, "patch_size": size}})
+    path = tmp_path / "abl.jsonl"
+    path.write_text("\n".join([rec("a/seed0", 0.70), rec("a/seed1", 0.80), rec("a/seed0", 0.60, 512, 32, 16),
+                               rec("a/seed1", 0.90), json.dumps({"command": "finetune", "tag": "x"})]) + "\n")
+    evaluate.main(["table", str(path)])
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| a ")]
+    assert lines == ["| a | 1024 pts, 64 x 32 | 0, 1 | 70.00, 90.00 | 80.00 | 35.00, 45.00 |",   # latest seed1 counts
+                     "| a | 512 pts, 32 x 16 | 0 | 60.00 | 60.00 | 30.00 |"]
