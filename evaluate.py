@@ -571,7 +571,9 @@ def cmd_table(args):
     """A results file as a markdown table: one row per tag (the part before '/seed') and benchmark
     input (points, patches x patch size), with the SVM / kNN accuracy of every seed and their mean,
     so runs from several sessions add up and results of different inputs never mix. The latest
-    record of a (row, input, seed) counts."""
+    record of a (row, input, seed) counts. The last column is the mean SVM difference to the
+    --reference row over the seeds both have (paired by seed: seeds share the data order and
+    initialisation, so this removes the part of the spread that all rows share)."""
     rows = {}
     for line in open(args.results):
         r = json.loads(line)
@@ -581,13 +583,19 @@ def cmd_table(args):
         s = r["settings"]
         key = (name, f"{s['points']} pts, {s['patches']} x {s['patch_size']}")
         rows.setdefault(key, {})[seed or "0"] = (100 * r["metrics"]["svm_acc"], 100 * r["metrics"]["knn_acc"])
-    print("| row | input | seeds | linear SVM (per seed) | mean SVM | kNN (per seed) |")
-    print("|---|---|---|---|---|---|")
-    for (name, inp), seeds in rows.items():
+    print(f"| row | input | seeds | linear SVM (per seed) | mean SVM | kNN (per seed) | SVM vs {args.reference} (paired) |")
+    print("|---|---|---|---|---|---|---|")
+    first = {}                                      # rows in order of first appearance, inputs grouped
+    for name, _ in rows:
+        first.setdefault(name, len(first))
+    for (name, inp), seeds in sorted(rows.items(), key=lambda kv: first[kv[0][0]]):
         svm = [seeds[k][0] for k in sorted(seeds)]
         knn = [seeds[k][1] for k in sorted(seeds)]
+        ref = rows.get((args.reference, inp), {})
+        diffs = [seeds[k][0] - ref[k][0] for k in sorted(seeds) if k in ref]
+        paired = "" if name == args.reference or not diffs else f"{np.mean(diffs):+.2f} ({len(diffs)})"
         print(f"| {name} | {inp} | {', '.join(sorted(seeds))} | {', '.join(f'{v:.2f}' for v in svm)} | "
-              f"{np.mean(svm):.2f} | {', '.join(f'{v:.2f}' for v in knn)} |")
+              f"{np.mean(svm):.2f} | {', '.join(f'{v:.2f}' for v in knn)} | {paired} |")
 
 
 def main(argv=None):
@@ -650,6 +658,7 @@ def main(argv=None):
     s.set_defaults(func=cmd_plot)
     s = sub.add_parser("table", help="a results file's tagged svm records as a markdown table (seeds grouped)")
     s.add_argument("results")
+    s.add_argument("--reference", default="asymdsd", help="row the paired differences are taken to (default: %(default)s)")
     s.set_defaults(func=cmd_table)
     args = p.parse_args(argv)
     if getattr(args, "threads", None):
