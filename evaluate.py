@@ -580,8 +580,8 @@ def cmd_table(args):
         if r.get("command") != "svm" or not r.get("tag"):
             continue
         name, _, seed = r["tag"].partition("/seed")
-        s = r["settings"]
-        key = (name, f"{s['points']} pts, {s['patches']} x {s['patch_size']}")
+        s = r.get("settings", {})
+        key = (name, f"{s['points']} pts, {s['patches']} x {s['patch_size']}" if "points" in s else "not recorded")
         rows.setdefault(key, {})[seed or "0"] = (100 * r["metrics"]["svm_acc"], 100 * r["metrics"]["knn_acc"])
     print(f"| row | input | seeds | linear SVM (per seed) | mean SVM | kNN (per seed) | SVM vs {args.reference} (paired) |")
     print("|---|---|---|---|---|---|---|")

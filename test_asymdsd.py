@@ -1311,7 +1311,8 @@ def test_export_and_plot_commands(tmp_path, capsys):
                                   tagged("asymdsd/seed0", 0.80), svm_rec(tmp_path / "untagged.pt", 0.1)]))
     evaluate.main(["table", str(results)])
     table = capsys.readouterr().out.splitlines()
-    assert "| cls_only | 0, 1 | 60.00, 70.00 | 65.00 |" in table[2] and table[3].startswith("| asymdsd | 0 |")
+    assert table[2] == "| cls_only | not recorded | 0, 1 | 60.00, 70.00 | 65.00 | 60.00, 70.00 | -20.00 (1) |"
+    assert table[3].startswith("| asymdsd | not recorded | 0 |")
     assert len(table) == 4, "untagged records are not rows"
 
 
