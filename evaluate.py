@@ -407,7 +407,7 @@ def build_encoder(args):
     return encoder, info, args.checkpoint
 
 
-def patch_settings(args, info: dict, benchmark: str) -> tuple[int, int, int]:
+def patch_settings(args, benchmark: str) -> tuple[int, int, int]:
     """(points, patches, patch size): the flags, else the benchmark's protocol (SPEC 7.5: ModelNet40
     1024 points, 64 patches x 32; ScanObjectNN 2048, 128 x 32), for every encoder. The tiny preset is
     pretrained on 512-point crops in 32 x 16 patches; `--num-points 512 --patches 32 --patch-size 16`
@@ -437,7 +437,7 @@ def report(args, command: str, checkpoint: str, settings: dict, metrics: dict, r
 
 def cmd_svm(args):
     encoder, info, source = build_encoder(args)
-    points, patches, k = patch_settings(args, info, args.data)
+    points, patches, k = patch_settings(args, args.data)
     print(f"{source} ({info['kind']}, {info['sizes']}): {points} points, {patches} patches x {k}")
     t0 = time.perf_counter()
     train, test = load_split(args, "train", points), load_split(args, "test", points)
@@ -466,7 +466,7 @@ def cmd_finetune(args):
     protocol = PROTOCOLS[protocol_name]
     epochs = args.epochs or protocol["epochs"]
     _, info, source = build_encoder(args)
-    points, patches, k = patch_settings(args, info, args.data)
+    points, patches, k = patch_settings(args, args.data)
     train, test = load_split(args, "train", points), load_split(args, "test", points)
     runs = []
     for seed in range(args.runs):
@@ -492,7 +492,7 @@ def cmd_fewshot(args):
     epochs = args.epochs or protocol["epochs"]
     _, info, source = build_encoder(args)
     args.data = "modelnet40_fewshot"
-    points, patches, k = patch_settings(args, info, args.data)
+    points, patches, k = patch_settings(args, args.data)
     results, rows = {}, []
     for way in args.ways:
         for shot in args.shots:

@@ -1205,12 +1205,11 @@ def test_project_checkpoint_loads_teacher_or_student():
 def test_patch_settings_are_the_benchmark_protocol_for_every_encoder():
     """SPEC 7.5: ModelNet40 at 1024 points in 64 x 32 patches, ScanObjectNN at 2048 in 128 x 32,
     whatever crop sizes the encoder was pretrained on; flags override each value."""
-    tiny = dict(num_patches=32, patch_size=16, num_points=512)
     none = argparse.Namespace(num_points=None, patches=None, patch_size=None)
-    assert evaluate.patch_settings(none, tiny, "modelnet40") == (1024, 64, 32)
-    assert evaluate.patch_settings(none, tiny, "scanobjectnn_pbt50rs") == (2048, 128, 32)
+    assert evaluate.patch_settings(none, "modelnet40") == (1024, 64, 32)
+    assert evaluate.patch_settings(none, "scanobjectnn_pbt50rs") == (2048, 128, 32)
     flags = argparse.Namespace(num_points=512, patches=32, patch_size=16)
-    assert evaluate.patch_settings(flags, tiny, "modelnet40") == (512, 32, 16)
+    assert evaluate.patch_settings(flags, "modelnet40") == (512, 32, 16)
 
 
 def test_export_round_trip_with_only_point_encoder(tmp_path):
