@@ -445,6 +445,16 @@ def test_clear_errors_for_bad_input(tmp_path, capsys):
         A.main(["--set", "no_such_field=1"])
 
 
+def test_cli_presets_and_repeated_set_flags_all_apply():
+    args = A.build_parser().parse_args(["--preset", "tiny", "--lr", "1e-3", "--set", "num_masks=1",
+                                        "--set", "ema_momentum=0.995,1.0", "predictor_attention=masked_self"])
+    cfg = A.build_config(args)
+    assert (cfg.embed_dim, cfg.lr, cfg.num_masks) == (96, 1e-3, 1)
+    assert cfg.ema_momentum == (0.995, 1.0) and cfg.predictor_attention == "masked_self"
+    tiny = A.build_config(A.build_parser().parse_args(["--preset", "tiny"]))
+    assert (tiny.lr, tiny.ema_momentum) == (5e-4, (0.998, 1.0))  # the preset README "Results" measured
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
