@@ -589,12 +589,13 @@ def cmd_table(args):
     for name, _ in rows:
         first.setdefault(name, len(first))
     for (name, inp), seeds in sorted(rows.items(), key=lambda kv: first[kv[0][0]]):
-        svm = [seeds[k][0] for k in sorted(seeds)]
-        knn = [seeds[k][1] for k in sorted(seeds)]
+        order = sorted(seeds, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k))  # 2 before 10
+        svm = [seeds[k][0] for k in order]
+        knn = [seeds[k][1] for k in order]
         ref = rows.get((args.reference, inp), {})
-        diffs = [seeds[k][0] - ref[k][0] for k in sorted(seeds) if k in ref]
+        diffs = [seeds[k][0] - ref[k][0] for k in order if k in ref]
         paired = "" if name == args.reference or not diffs else f"{np.mean(diffs):+.2f} ({len(diffs)})"
-        print(f"| {name} | {inp} | {', '.join(sorted(seeds))} | {', '.join(f'{v:.2f}' for v in svm)} | "
+        print(f"| {name} | {inp} | {', '.join(order)} | {', '.join(f'{v:.2f}' for v in svm)} | "
               f"{np.mean(svm):.2f} | {', '.join(f'{v:.2f}' for v in knn)} | {paired} |")
 
 

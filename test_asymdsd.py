@@ -1442,10 +1442,11 @@ def test_table_groups_seeds_and_keeps_inputs_apart(tmp_path, capsys):
                            "settings": {"points": points, "patches": patches, "patch_size": size}})
     path = tmp_path / "abl.jsonl"
     path.write_text("\n".join([rec("a/seed0", 0.70), rec("a/seed1", 0.80), rec("a/seed0", 0.60, 512, 32, 16),
-                               rec("a/seed1", 0.90), rec("b/seed0", 0.75), rec("b/seed2", 0.10),
+                               rec("a/seed1", 0.90), rec("b/seed10", 0.20), rec("b/seed0", 0.75), rec("b/seed2", 0.10),
                                json.dumps({"command": "finetune", "tag": "x"})]) + "\n")
     evaluate.main(["table", str(path), "--reference", "a"])
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(("| a ", "| b "))]
     assert lines == ["| a | 1024 pts, 64 x 32 | 0, 1 | 70.00, 90.00 | 80.00 | 35.00, 45.00 |  |",   # latest seed1 counts
                      "| a | 512 pts, 32 x 16 | 0 | 60.00 | 60.00 | 30.00 |  |",
-                     "| b | 1024 pts, 64 x 32 | 0, 2 | 75.00, 10.00 | 42.50 | 37.50, 5.00 | +5.00 (1) |"]  # seed 0 only is paired
+                     # seeds sort as numbers (10 after 2); seed 0 only is paired
+                     "| b | 1024 pts, 64 x 32 | 0, 2, 10 | 75.00, 10.00, 20.00 | 35.00 | 37.50, 5.00, 10.00 | +5.00 (1) |"]
