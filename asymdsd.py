@@ -139,15 +139,15 @@ PRESETS = {
     # (OMP_NUM_THREADS=2, ~100 samples/s). Why these sizes: per-point tokenizer work dominates a
     # small model on CPU, so crops keep 512 / 128 points in 16-point patches; D=96 and a
     # 512-prototype head cut the rest. lr and EMA were chosen by full 17-epoch runs (README
-    # "Results": 85.6 / 83.9 / 84.0% SVM, seeds 0-2; lr 1e-3 + EMA 0.995: 84.2 / 84.4%, seeds 0-1).
+    # "Results": 85.6 / 83.9 / 84.0% SVM on seeds 0-2).
     "tiny": dict(embed_dim=96, depth=4, num_heads=3, tokenizer_dims=(32, 64, 64), pos_hidden=64,
                  global_points=512, local_points=128, global_patches=32, local_patches=8, patch_size=16,
                  predictor_dim=64, predictor_depth=2, predictor_heads=2, num_masks=2,
                  head_hidden=128, head_bottleneck=64, num_prototypes=512,
                  batch_size=32, epochs=17, warmup_epochs=1, temp_warmup_epochs=1, lr=5e-4,
-                 # NOTE: official EMA starts at 0.995 for 300 epochs; in a 17-epoch run a slower teacher
-                 # (0.998) measured +1.2 points SVM on seed 0 (0.99: -1.4), but lr 5e-4 + 0.998 vs the
-                 # old lr 1e-3 + 0.995 is +1.4 / -0.5 on seeds 0 / 1: within noise. Paper preset: 0.995.
+                 # NOTE: official EMA starts at 0.995 (sized for 300 epochs); 0.998 measured +1.2 points
+                 # SVM on seed 0 in 17 epochs, but against the old lr 1e-3 + 0.995 (84.2 / 84.4%) this
+                 # preset is +1.4 / -0.5 on seeds 0 / 1: within seed noise. Paper preset: 0.995.
                  ema_momentum=(0.998, 1.0), num_workers=0),
 }
 MODE_OVERRIDES = {"mask": dict(num_masks=8)}  # ssrl_model_mask.yaml: multi_mask 8 (SPEC 5.8)

@@ -589,7 +589,7 @@ def cmd_table(args):
     for name, _ in rows:
         first.setdefault(name, len(first))
     for (name, inp), seeds in sorted(rows.items(), key=lambda kv: first[kv[0][0]]):
-        order = sorted(seeds, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k))  # 2 before 10
+        order = sorted(seeds, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else k))  # 2 before 10
         svm = [seeds[k][0] for k in order]
         knn = [seeds[k][1] for k in order]
         ref = rows.get((args.reference, inp), {})
