@@ -139,7 +139,7 @@ PRESETS = {
     # (OMP_NUM_THREADS=2, ~100 samples/s). Why these sizes: per-point tokenizer work dominates a
     # small model on CPU, so crops keep 512 / 128 points in 16-point patches; D=96 and a
     # 512-prototype head cut the rest. lr and EMA were chosen by full 17-epoch runs (README
-    # "Results": 85.6 / 83.9 / 84.0% SVM on seeds 0-2).
+    # "Results": 85.6 / 83.9 / 84.0 / 83.9% SVM on seeds 0-3).
     "tiny": dict(embed_dim=96, depth=4, num_heads=3, tokenizer_dims=(32, 64, 64), pos_hidden=64,
                  global_points=512, local_points=128, global_patches=32, local_patches=8, patch_size=16,
                  predictor_dim=64, predictor_depth=2, predictor_heads=2, num_masks=2,
