@@ -1423,6 +1423,17 @@ def test_step_benchmark_cli_writes_finite_numbers_and_expected_keys(tmp_path):
     assert abs(r["flops_analytic_over_counted"] - 1) < 0.15
 
 
+def test_train_step_reads_nothing_back_to_the_host():
+    """Issue 5: no host-device syncs in the step. bench.setup_step runs train_step with the optimizer
+    train() builds (fused AdamW); on CPU the profiler still records the ops that would sync on a GPU."""
+    from torch.profiler import ProfilerActivity, profile
+    _, _, step = bench.setup_step("tiny", 2, torch.device("cpu"), "fp32", False, source_points=1024)
+    step()                                      # first step creates the AdamW state
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    assert bench.host_reads(prof) == []     # bench with the default (foreach) AdamW: 72 aten::item
+
+
 def test_patchify_and_predictor_benchmarks_run(tmp_path):
     res = bench.main(["patchify", "--device", "cpu", "--batch-size", "2", "--points", "256", "512",
                       "--centres", "16", "32", "--repeats", "1"])["patchify"]
