@@ -1428,7 +1428,7 @@ def test_train_step_reads_nothing_back_to_the_host():
     train() builds (fused AdamW); on CPU the profiler still records the ops that would sync on a GPU."""
     from torch.profiler import ProfilerActivity, profile
     _, _, step = bench.setup_step("tiny", 2, torch.device("cpu"), "fp32", False, source_points=1024)
-    step()                                      # first step creates the AdamW state
+    step()                                  # the first step creates the AdamW state
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
     assert bench.host_reads(prof) == []     # bench with the default (foreach) AdamW: 72 aten::item
