@@ -1146,6 +1146,8 @@ def train(cfg: Config, resume: str | None = None) -> str:
                                      "step": step})
                 if last:
                     break
+        if world > 1:  # rank 0 may still be writing the last checkpoint: all ranks shut down together
+            dist.barrier()
     finally:
         bar.close()
         if log:
