@@ -142,7 +142,7 @@ PRESETS = {
     # runs (README "Results": 85.3 / 84.9 / 84.4 / 84.6% SVM on seeds 0-3).
     "tiny": dict(embed_dim=96, depth=4, num_heads=3, tokenizer_dims=(32, 64, 64), pos_hidden=64,
                  global_points=512, local_points=128, global_patches=32, local_patches=8, patch_size=16,
-                 # NOTE: official multi-crop has 4 local crops; 2 make a step ~0.85-0.94x as long, and the
+                 # NOTE: official multi-crop has 4 local crops; 2 make a step 0.84-0.94x as long, and the
                  # 20 epochs that buys beat 4 crops x 17 epochs on 3 of 4 seeds (+0.47 SVM mean).
                  num_local_crops=2,
                  predictor_dim=64, predictor_depth=2, predictor_heads=2, num_masks=2,
