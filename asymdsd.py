@@ -284,8 +284,11 @@ def patchify(points: torch.Tensor, num_patches: int, patch_size: int,
 
 def make_views(points: torch.Tensor, cfg: Config, generator: torch.Generator) -> dict:
     """The student/teacher inputs of one batch: global (and local) crops, augmented, normalised
-    and patchified. In `mask` mode a single global crop (SPEC 5.8, CropSampleArrays).
-    points: (B, N, 3) -> {"global": (centers (B, C, G, 3), patches (B, C, G, K, 3)), "local": ...}"""
+    and patchified, and the student's M masks of each global crop. In `mask` mode a single global
+    crop (SPEC 5.8, CropSampleArrays). All of a step's randomness is drawn here, outside the model,
+    so the model's forward is one graph for torch.compile (a draw from an explicit generator would
+    break it). points: (B, N, 3) -> {"global": (centers (B, C, G, 3), patches (B, C, G, K, 3)),
+    "local": ..., "mask": (B*C*M, G) bool, row (b*C + c)*M + m}"""
     views = {}
     crops = {"global": (cfg.num_global_crops, cfg.global_points, cfg.global_crop_scale, cfg.global_patches)}
     if cfg.mode == "mask":
@@ -299,6 +302,9 @@ def make_views(points: torch.Tensor, cfg: Config, generator: torch.Generator) ->
         centers, patches = patchify(x.flatten(0, 1), n_patches, cfg.patch_size, generator)
         views[name] = (centers.view(B, n_crops, *centers.shape[1:]),
                        patches.view(B, n_crops, *patches.shape[1:]))
+    if cfg.mode != "cls":  # multi-mask (SPEC 3.1): M independent masks per global crop
+        views["mask"] = inverse_block_masks(views["global"][0].flatten(0, 1), cfg.num_masks, cfg.mask_ratio,
+                                            cfg.block_ratio, cfg.adjust_ratio, generator)
     return views
 
 
@@ -630,18 +636,24 @@ def cls_loss(student_logits, teacher_probs, student_temp: float):
     """DINO-style: mean over every (sample, teacher crop, student crop) pair; same-view pairs are
     kept, as in the official code (SPEC 10.1).  student (B, S, P), teacher (B, T, P) -> ()"""
     log_p = F.log_softmax(student_logits.float() / student_temp, dim=-1)
-    return -torch.einsum("btp,bsp->bts", teacher_probs, log_p).mean()
+    # NOTE: official runs this einsum in fp16 under autocast; ours stays fp32 (bf16 would round
+    # the log-probabilities to 3 significant digits). Identical in fp32; the cost is negligible.
+    with torch.autocast(log_p.device.type, enabled=False):
+        return -torch.einsum("btp,bsp->bts", teacher_probs.float(), log_p).mean()
 
 
 def koleo_loss(x, eps: float = 1e-6):
     """Kozachenko-Leonenko entropy estimate per view column: -mean log |x_i - nearest other x_j|
     over the batch, after L2 normalisation (SPEC 5.5).  x (B, S, D) -> ()"""
-    x = F.normalize(x.float(), dim=-1, eps=1e-8).transpose(0, 1)                   # (S, B, D)
-    sim = x @ x.transpose(1, 2)                                                     # (S, B, B)
-    eye = torch.eye(x.shape[1], dtype=torch.bool, device=x.device)
-    nearest = sim.masked_fill(eye, -2.0).argmax(dim=2)                              # (S, B)
-    other = x.gather(1, nearest[..., None].expand_as(x))
-    return -torch.log((x - other).norm(dim=-1) + eps).mean()
+    # NOTE: official computes the similarities in fp16 under autocast; ours stay fp32: near 1 they
+    # tie in fp16 and bf16, and the argmax then picks a farther sample. Identical in fp32.
+    with torch.autocast(x.device.type, enabled=False):
+        x = F.normalize(x.float(), dim=-1, eps=1e-8).transpose(0, 1)               # (S, B, D)
+        sim = x @ x.transpose(1, 2)                                                 # (S, B, B)
+        eye = torch.eye(x.shape[1], dtype=torch.bool, device=x.device)
+        nearest = sim.masked_fill(eye, -2.0).argmax(dim=2)                          # (S, B)
+        other = x.gather(1, nearest[..., None].expand_as(x))
+        return -torch.log((x - other).norm(dim=-1) + eps).mean()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -726,7 +738,7 @@ class AsymDSD(nn.Module):
         return out
 
     # -- 2. student ------------------------------------------------------------------------------
-    def forward_student(self, views, generator=None):
+    def forward_student(self, views):
         """All student passes of one step (SPEC 3.2-3.5).
         views["global"]: centers (B, C, G, 3), patches (B, C, G, K, 3); views["local"] likewise."""
         cfg, s = self.cfg, self.student
@@ -738,8 +750,7 @@ class AsymDSD(nn.Module):
         cls_parts = []
         if self.use_patch:
             M = cfg.num_masks
-            mask = inverse_block_masks(centers.flatten(0, 1), M, cfg.mask_ratio, cfg.block_ratio,
-                                       cfg.adjust_ratio, generator)         # (BCM, G), row = (b*C + c)*M + m
+            mask = views["mask"]                                           # (BCM, G), row = (b*C + c)*M + m
             Q = round(cfg.mask_ratio * G)
             visible, masked = split_mask(mask, Q)                          # (BCM, V), (BCM, Q)
             crop = torch.arange(B * C, device=centers.device).repeat_interleave(M)[:, None]  # (BCM, 1)
@@ -803,9 +814,9 @@ class AsymDSD(nn.Module):
                 logs[f"teacher_entropy_{k}"] = -(tp * tp.clamp_min(1e-12).log()).sum(-1).mean()
         return loss, logs
 
-    def forward(self, views, temp_cls: float, temp_patch: float, generator=None):
+    def forward(self, views, temp_cls: float, temp_patch: float):
         teacher = self.forward_teacher(*views["global"], temp_cls, temp_patch)
-        student = self.forward_student(views, generator)
+        student = self.forward_student(views)
         return self.forward_loss(student, teacher)
 
 
@@ -1032,12 +1043,12 @@ def train_step(net, model: AsymDSD, optimizer, scaler, points, cfg: Config, sche
     Returns (loss, logs, grad_norm), detached, with no host sync."""
     for group in optimizer.param_groups:
         group["lr"] = sched["lr"]
-    # 1. views: crops, augmentation, normalisation, patches (no gradients)
+    # 1. views: crops, augmentation, normalisation, patches, masks (no gradients)
     with torch.no_grad():
         views = make_views(points, cfg, gen)
     # 2-4. teacher pass, student passes, loss
     with torch.autocast(points.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        loss, logs = net(views, sched["temp_cls"], sched["temp_patch"], gen)
+        loss, logs = net(views, sched["temp_cls"], sched["temp_patch"])
     # 5. optimiser step (gradients unscaled before clipping, as Lightning does)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()

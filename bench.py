@@ -5,7 +5,8 @@
   python bench.py predictor --rows 64                               cross vs masked-self vs full-self
   python bench.py profile   --presets tiny --batch-sizes 16         top ops by self time (torch.profiler)
   python bench.py all --json bench_cpu.json                         everything at CPU-friendly sizes
-  GPU:  python bench.py step --presets paper --batch-sizes 128 --precision bf16 [--compile]
+  GPU:  python bench.py step --presets paper --batch-sizes 128 --precision bf16 fp16 --compile off on
+        (several precisions / compile settings run one after another in one invocation, for ratios)
   On a CPU shared with other busy processes add --threads 1 (2 threads were 15-24x slower there).
 
 How to read the numbers:
@@ -200,7 +201,7 @@ def step_activations_mb(cfg, model, B, device, amp_dtype, source_points) -> floa
     with torch.no_grad():
         views = A.make_views(torch.randn(B, source_points, 3, device=device), cfg, gen)
     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        return saved_activations_mb(lambda: model(views, 0.04, 0.05, gen), model.parameters())
+        return saved_activations_mb(lambda: model(views, 0.04, 0.05), model.parameters())
 
 
 def bench_step_config(preset: str, B: int, device: str = "cpu", precision: str = "auto", compile: bool = False,
@@ -247,28 +248,29 @@ def batch_sizes(args, preset: str) -> list:
 
 
 def run_step(args) -> list:
-    """Every (preset, batch size); on CPU each in a fresh spawned process so its peak RSS is its own.
-    The first batch size of each preset also gets the FlopCounterMode cross-check."""
+    """Every (preset, batch size, precision, compile setting); on CPU each in a fresh spawned process
+    so its peak RSS is its own. The first of each preset also gets the FlopCounterMode cross-check."""
     results = []
     for preset in args.presets:
         for i, B in enumerate(batch_sizes(args, preset)):
-            kw = dict(preset=preset, B=B, device=args.device, precision=args.precision, compile=args.compile,
-                      repeats=args.repeats, warmup=args.warmup, source_points=args.source_points, count=i == 0,
-                      threads=args.threads)
-            if torch.device(args.device).type == "cpu":
-                with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
-                    r = ex.submit(bench_step_config, **kw).result()
-            else:
-                r = bench_step_config(**kw)
-            results.append(r)
-            print_step_row(r)
+            for j, (prec, comp) in enumerate((p, c) for p in args.precision for c in args.compile):
+                kw = dict(preset=preset, B=B, device=args.device, precision=prec, compile=comp == "on",
+                          repeats=args.repeats, warmup=args.warmup, source_points=args.source_points,
+                          count=i == 0 and j == 0, threads=args.threads)
+                if torch.device(args.device).type == "cpu":
+                    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
+                        r = ex.submit(bench_step_config, **kw).result()
+                else:
+                    r = bench_step_config(**kw)
+                results.append(r)
+                print_step_row(r)
     return results
 
 
 def print_step_row(r: dict):
     counted = (f"  counted {r['flops_counted'] / 1e9:8.1f} GF (analytic/counted {r['flops_analytic_over_counted']:.3f})"
                if "flops_counted" in r else "")
-    print(f"{r['preset']:>6} B={r['batch_size']:<4} {r['precision']:>15}  step min {r['min_s']:7.3f} s  "
+    print(f"{r['preset']:>6} B={r['batch_size']:<4} {r['precision']:>15}{' compiled' if r['compile'] else ''}  step min {r['min_s']:7.3f} s  "
           f"median {r['median_s']:7.3f} s  {r['samples_per_s']:8.2f} samples/s  mem {r['peak_mem_mb']:8.1f} MiB  "
           f"{r['flops_per_sample'] / 1e9:7.2f} GF/sample  {r['achieved_flops_per_s'] / 1e9:8.1f} GF/s = "
           f"{100 * r['fraction_of_matmul_peak']:.0f}% of matmul peak {r['matmul_peak_flops_per_s'] / 1e9:.0f} GF/s"
@@ -334,7 +336,7 @@ def run_predictor(args) -> dict:
                            cfg.mlp_ratio, f).to(device) for f in forms}
     context = torch.randn(R, Tc, cfg.embed_dim, device=device, requires_grad=True)
     query_pos = torch.randn(R, Q, cfg.embed_dim, device=device, requires_grad=True)
-    amp = A.autocast_dtype(args.precision, device)
+    amp = A.autocast_dtype(args.precision[0], device)
 
     def fwd(f):
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
@@ -390,7 +392,7 @@ def run_profile(args) -> dict:
     device = torch.device(args.device)
     preset = "tiny" if args.what == "all" else args.presets[0]
     B = batch_sizes(args, preset)[0]
-    _, _, step = setup_step(preset, B, device, args.precision, False, args.source_points)
+    _, _, step = setup_step(preset, B, device, args.precision[0], False, args.source_points)
     for _ in range(max(args.warmup, 1)):
         step()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -409,7 +411,7 @@ def run_profile(args) -> dict:
     for r in rows:
         print(f"  {r['op'][:60]:<60} {r['self_ms_per_step']:9.1f} ms  {r['self_pct']:5.1f}%  {r['calls_per_step']:6.0f} calls")
     print(f"  host-sync ops per step: {syncs or 'none'}")
-    phases = phase_times(preset, B, device, args.precision, args.source_points, args.repeats)
+    phases = phase_times(preset, B, device, args.precision[0], args.source_points, args.repeats)
     print("  phases (median ms): " + "  ".join(f"{k} {v * 1e3:.0f} ({100 * v / sum(phases.values()):.0f}%)"
                                               for k, v in phases.items()))
     return {"preset": preset, "batch_size": B, "top_ops": rows, "sync_ops_per_step": syncs, "phases_s": phases}
@@ -433,7 +435,7 @@ def phase_times(preset, B, device, precision, source_points, repeats) -> dict:
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             state["teacher"] = model.forward_teacher(*views["global"], 0.04, 0.05)
             mark()
-            state["student"] = model.forward_student(views, gen)
+            state["student"] = model.forward_student(views)
             mark()
             loss, _ = model.forward_loss(state["student"], state["teacher"])
             mark()
@@ -465,9 +467,12 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto: bf16 (or fp16) autocast on CUDA, fp32 on CPU")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (first warm-up step compiles)")
+    p.add_argument("--precision", nargs="+", default=["auto"], choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 (or fp16) autocast on CUDA, fp32 on CPU. step runs every value given, "
+                   "one after another; predictor and profile use the first")
+    p.add_argument("--compile", nargs="*", choices=["off", "on"], default=None,
+                   help="torch.compile the model (the first warm-up step compiles): --compile alone is 'on'; "
+                   "'--compile off on' runs both, one after another (step only)")
     p.add_argument("--source-points", type=int, default=16384, help="points per input cloud (ShapeNet: 16384)")
     p.add_argument("--batch-size", type=int, default=None, help="patchify: clouds per batch (CPU 32, CUDA 128)")
     p.add_argument("--points", nargs="+", type=int, default=[1024, 2048, 8192, 16384], help="patchify: N")
@@ -481,6 +486,7 @@ def parse_args(argv=None):
     args.device = str(A.resolve_device(args.device))
     cpu = args.device == "cpu"
     args.presets = args.presets or ["paper", "tiny"]
+    args.compile = ["off"] if args.compile is None else (args.compile or ["on"])
     if args.batch_sizes is None:
         args.batch_sizes = [2, 4] if cpu else [128]
         if cpu and args.tiny_batch_sizes is None:

@@ -133,10 +133,13 @@ def test_multi_crop_properties():
 def test_views_shapes_per_mode():
     g = torch.Generator().manual_seed(0)
     pts = torch.randn(3, 300, 3)
-    v = A.make_views(pts, small_cfg(), g)
+    cfg = small_cfg()
+    v = A.make_views(pts, cfg, g)
     assert v["global"][1].shape == (3, 2, 16, 16, 3) and v["local"][1].shape == (3, 4, 4, 16, 3)
-    v = A.make_views(pts, small_cfg(mode="mask"), g)
-    assert set(v) == {"global"} and v["global"][0].shape == (3, 1, 16, 3)
+    assert v["mask"].shape == (3 * 2 * cfg.num_masks, 16) and (v["mask"].sum(1) == round(0.7 * 16)).all()
+    v = A.make_views(pts, small_cfg(mode="mask", num_masks=8), g)
+    assert set(v) == {"global", "mask"} and v["global"][0].shape == (3, 1, 16, 3) and v["mask"].shape == (24, 16)
+    assert "mask" not in A.make_views(pts, small_cfg(mode="cls"), g), "cls mode has no masked views"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,7 +274,7 @@ def test_teacher_gets_no_gradient_and_student_does(mode):
     cfg = small_cfg(mode=mode, num_masks=8 if mode == "mask" else 2)
     model = A.AsymDSD(cfg)
     views, g = batch_views(cfg)
-    loss, logs = model(views, 0.04, 0.05, g)
+    loss, logs = model(views, 0.04, 0.05)
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is None and not p.requires_grad for p in model.teacher.parameters())
@@ -285,7 +288,7 @@ def test_total_loss_is_weighted_mean_of_terms():
     cfg = small_cfg()
     model = A.AsymDSD(cfg)
     views, g = batch_views(cfg)
-    loss, logs = model(views, 0.04, 0.05, g)
+    loss, logs = model(views, 0.04, 0.05)
     expect = (logs["loss_patch"] + logs["loss_cls"] + 0.01 * logs["loss_koleo"]) / 2.01
     assert torch.allclose(loss.detach(), expect)
 
@@ -324,6 +327,22 @@ def test_cls_loss_and_koleo_by_hand():
     x = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]], [[0.6, 0.8]]])   # (B=3, S=1, D=2), already unit norm
     nn_dist = [math.dist((1, 0), (0.6, 0.8)), math.dist((0, 1), (0.6, 0.8)), math.dist((0, 1), (0.6, 0.8))]
     assert math.isclose(A.koleo_loss(x).item(), -np.mean(np.log(np.array(nn_dist) + 1e-6)), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_losses_stay_fp32_under_autocast(dtype):
+    """Mixed precision must not change the losses. KoLeo's nearest neighbour is an argmax over
+    cosine similarities near 1; in bf16 (spacing 2^-8 below 1) or fp16 they tie, and the argmax
+    picks a farther sample. The CLS einsum would round log-probabilities to 3 digits in bf16."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.tensor([1.0, 0.0, 0.0]) + 0.02 * torch.randn(32, 2, 3, generator=g)   # (B, S, D), a narrow cone
+    s, t = 3 * torch.randn(4, 5, 64, generator=g), torch.softmax(3 * torch.randn(4, 2, 64, generator=g), -1)
+    exact = A.koleo_loss(x), A.cls_loss(s, t, 0.1)
+    with torch.autocast("cpu", dtype=dtype):
+        mixed = A.koleo_loss(x), A.cls_loss(s, t, 0.1)
+    assert all(m.dtype == torch.float32 for m in mixed)
+    assert torch.allclose(mixed[0], exact[0], rtol=1e-6), "KoLeo picked other neighbours under autocast"
+    assert torch.allclose(mixed[1], exact[1], rtol=1e-6)
 
 
 def test_projection_head_weight_norm():
@@ -1409,10 +1428,13 @@ def test_paper_encoder_has_about_21_8M_parameters(paper_model):
 def test_step_benchmark_cli_writes_finite_numbers_and_expected_keys(tmp_path):
     out = tmp_path / "bench.json"
     bench.main(["step", "--presets", "tiny", "--batch-sizes", "2", "--repeats", "2", "--warmup", "1",
-                "--device", "cpu", "--source-points", "1024", "--threads", "1", "--json", str(out)])
+                "--device", "cpu", "--source-points", "1024", "--threads", "1", "--precision", "fp32", "bf16",
+                "--json", str(out)])
     data = json.loads(out.read_text())
     assert {"date", "command", "device", "torch"} <= set(data["meta"])
-    (r,) = data["step"]
+    r, r_bf16 = data["step"]   # one row per precision, side by side in one run
+    assert (r["precision"], r_bf16["precision"]) == ("fp32", "torch.bfloat16") and not r["compile"]
+    assert "flops_counted" not in r_bf16 and r_bf16["median_s"] > 0
     keys = {"preset", "batch_size", "min_s", "median_s", "samples_per_s", "peak_mem_mb", "mem_kind",
             "saved_activations_mb", "params", "flops_per_step", "flops_per_sample", "flops_by_part",
             "achieved_flops_per_s", "matmul_peak_flops_per_s", "fraction_of_matmul_peak", "flops_counted"}
@@ -1433,6 +1455,39 @@ def test_train_step_reads_nothing_back_to_the_host():
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
     assert bench.host_reads(prof) == []     # bench with the default (foreach) AdamW: 72 aten::item
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_train_step_in_mixed_precision(precision):
+    """The GPU paths, under CPU autocast: bf16 (our default where supported) and fp16 with a
+    GradScaler (the official). The first step's loss matches fp32; fp16 skips the steps whose
+    scaled gradients overflow (weights untouched), lowers the scale, then trains."""
+    cpu = torch.device("cpu")
+    _, ref, ref_step = bench.setup_step("tiny", 2, cpu, "fp32", False, source_points=1024)
+    _, model, step = bench.setup_step("tiny", 2, cpu, precision, False, source_points=1024)
+    assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), model.parameters())), "same seed, same init"
+    init = [p.detach().clone() for p in model.student.parameters()]
+    losses = [step()[0]]
+    assert torch.allclose(losses[0], ref_step()[0], rtol=0.02)
+    while len(losses) < 12 and all(torch.equal(a, b) for a, b in zip(init, model.student.parameters())):
+        losses.append(step()[0])
+    assert all(torch.isfinite(v) for v in losses)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    changed = sum(not torch.equal(a, b) for a, b in zip(init, model.student.parameters()))
+    assert changed == len(init), f"{precision}: the optimizer updated {changed} of {len(init)} student tensors"
+    if precision == "bf16":
+        assert len(losses) == 1, "bf16 needs no loss scaling: the first step already trains"
+
+
+def test_model_forward_is_one_graph_for_torch_compile():
+    """--compile: all randomness is drawn in make_views, so dynamo traces the whole forward (teacher,
+    student, losses) as one graph. A draw from an explicit generator inside it would break the graph."""
+    cfg = small_cfg()
+    model = A.AsymDSD(cfg)
+    views, _ = batch_views(cfg)
+    explained = torch._dynamo.explain(model)(views, 0.04, 0.05)
+    torch._dynamo.reset()
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
 def test_patchify_and_predictor_benchmarks_run(tmp_path):
