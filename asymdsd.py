@@ -26,7 +26,8 @@ Deliberate departures from the official code (each tagged `# NOTE:` at its line;
     CPU DataLoader workers with fpsample/scipy; the computation is the same (exact FPS, exact kNN).
   - No gradient checkpointing (memory only; the S model fits without it).
   - Attention through F.scaled_dot_product_attention instead of nn.MultiheadAttention (same math).
-  - Mixed precision prefers bf16 where supported (official: fp16 + GradScaler).
+  - Mixed precision prefers bf16 where supported (official: fp16 + GradScaler); the CLS loss and
+    KoLeo stay fp32 under autocast (official: their matmuls in fp16).
 
 Dimension legend used in every shape comment:
   B batch, C global crops, L local crops, M masks per global crop, N points in a cloud,
@@ -1039,7 +1040,8 @@ def build_optimizer(model: AsymDSD, cfg: Config) -> torch.optim.AdamW:
 
 def train_step(net, model: AsymDSD, optimizer, scaler, points, cfg: Config, sched: dict, gen, amp_dtype=None):
     """One AsymDSD step on a batch of clouds (B, N, 3) already on the device. `net` is the model, or
-    its DDP / compiled wrapper; `sched` holds this step's lr, ema, temp_cls, temp_patch.
+    its DDP / compiled wrapper; `sched` holds this step's lr, ema (floats), temp_cls, temp_patch
+    (floats, or 0-d tensors on the device as train() passes them, so torch.compile never recompiles).
     Returns (loss, logs, grad_norm), detached, with no host sync."""
     for group in optimizer.param_groups:
         group["lr"] = sched["lr"]
@@ -1071,6 +1073,9 @@ def train(cfg: Config, resume: str | None = None) -> str:
         raise SystemExit(f"{len(dataset)} training shapes are fewer than one batch of {cfg.batch_size} x "
                          f"{world} ranks; lower --batch-size")
     sched = make_schedules(cfg, steps_per_epoch)
+    # The temperatures enter the model as tensors on the device: torch.compile guards on the value
+    # of a Python float, so a new value each warm-up step would recompile the model.
+    temps = torch.stack([sched["temp_cls"], sched["temp_patch"]]).float().to(device)   # (2, steps)
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
@@ -1129,7 +1134,9 @@ def train(cfg: Config, resume: str | None = None) -> str:
             for points, index in loader:
                 check_batch(points, index, dataset)
                 loss, logs, grad_norm = train_step(net, model, optimizer, scaler, points.to(device, non_blocking=True),
-                                                   cfg, {k: float(v[step]) for k, v in sched.items()}, gen, amp_dtype)
+                                                   cfg, {"lr": float(sched["lr"][step]), "ema": float(sched["ema"][step]),
+                                                         "temp_cls": temps[0, step], "temp_patch": temps[1, step]},
+                                                   gen, amp_dtype)
                 nonfinite |= ~torch.isfinite(loss)
                 step += 1
                 window_n += points.shape[0] * world
