@@ -741,7 +741,8 @@ class AsymDSD(nn.Module):
     # -- 2. student ------------------------------------------------------------------------------
     def forward_student(self, views):
         """All student passes of one step (SPEC 3.2-3.5).
-        views["global"]: centers (B, C, G, 3), patches (B, C, G, K, 3); views["local"] likewise."""
+        views["global"]: centers (B, C, G, 3), patches (B, C, G, K, 3); views["local"] likewise;
+        views["mask"]: (BCM, G) bool, True = masked (drawn in make_views)."""
         cfg, s = self.cfg, self.student
         enc = s["encoder"]
         centers, patches = views["global"]
@@ -815,7 +816,7 @@ class AsymDSD(nn.Module):
                 logs[f"teacher_entropy_{k}"] = -(tp * tp.clamp_min(1e-12).log()).sum(-1).mean()
         return loss, logs
 
-    def forward(self, views, temp_cls: float, temp_patch: float):
+    def forward(self, views, temp_cls: float | torch.Tensor, temp_patch: float | torch.Tensor):
         teacher = self.forward_teacher(*views["global"], temp_cls, temp_patch)
         student = self.forward_student(views)
         return self.forward_loss(student, teacher)
