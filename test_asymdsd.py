@@ -1425,7 +1425,10 @@ def test_paper_encoder_has_about_21_8M_parameters(paper_model):
     assert c["encoder_total"] == pytest.approx(21.8e6, rel=0.01)
 
 
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # CPU bf16 rms_norm: unfused path
 def test_step_benchmark_cli_writes_finite_numbers_and_expected_keys(tmp_path):
+    assert [bench.parse_args(["step", *a]).compile for a in ([], ["--compile"], ["--compile", "off", "on"])] == \
+        [["off"], ["on"], ["off", "on"]]
     out = tmp_path / "bench.json"
     bench.main(["step", "--presets", "tiny", "--batch-sizes", "2", "--repeats", "2", "--warmup", "1",
                 "--device", "cpu", "--source-points", "1024", "--threads", "1", "--precision", "fp32", "bf16",
@@ -1457,6 +1460,7 @@ def test_train_step_reads_nothing_back_to_the_host():
     assert bench.host_reads(prof) == []     # bench with the default (foreach) AdamW: 72 aten::item
 
 
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # CPU bf16 rms_norm: unfused path
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_train_step_in_mixed_precision(precision):
     """The GPU paths, under CPU autocast: bf16 (our default where supported) and fp16 with a
