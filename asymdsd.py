@@ -119,7 +119,6 @@ class Config:
     weight_decay: float = 0.05
     grad_clip: float = 10.0
     betas: tuple = (0.9, 0.999)
-    init_std: float = 0.02                    # trunc-normal init of Linear weights and tokens (SPEC 2.5)
     # run
     seed: int = 0
     device: str = "auto"
@@ -313,6 +312,18 @@ def make_views(points: torch.Tensor, cfg: Config, generator: torch.Generator) ->
 # 3. Tokenizer and positional embedding (SPEC 2.1-2.3)
 # ----------------------------------------------------------------------------------------------
 
+INIT_STD = 0.02  # trunc-normal std of every Linear weight and of the CLS / mask tokens (init_weight_scale)
+
+
+class Linear(nn.Linear):
+    """nn.Linear initialised as the official `AsymDSD.init_weights`: weight ~ trunc-normal(0.02), bias 0."""
+
+    def reset_parameters(self):
+        nn.init.trunc_normal_(self.weight, std=INIT_STD)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
 class RMSNorm(nn.Module):
     """x * rsqrt(mean(x^2) + eps) * w, no bias (asymdsd/layers/normalization.py)."""
 
@@ -332,8 +343,8 @@ class PatchTokenizer(nn.Module):
     def __init__(self, dim: int, hidden: tuple = (128, 256, 512)):
         super().__init__()
         h1, h2, h3 = hidden
-        self.block_1 = nn.Sequential(nn.Linear(3, h1, bias=False), RMSNorm(h1), nn.GELU(), nn.Linear(h1, h2, bias=False))
-        self.block_2 = nn.Sequential(nn.Linear(2 * h2, h3, bias=False), RMSNorm(h3), nn.GELU(), nn.Linear(h3, dim, bias=False))
+        self.block_1 = nn.Sequential(Linear(3, h1, bias=False), RMSNorm(h1), nn.GELU(), Linear(h1, h2, bias=False))
+        self.block_2 = nn.Sequential(Linear(2 * h2, h3, bias=False), RMSNorm(h3), nn.GELU(), Linear(h3, dim, bias=False))
 
     def forward(self, patches):                                       # (..., K, 3)
         f = self.block_1(patches)                                     # (..., K, h2)
@@ -352,7 +363,7 @@ class PositionEmbedding(nn.Module):
 
     def __init__(self, dim: int, hidden: int = 128):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(3, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.mlp = nn.Sequential(Linear(3, hidden), nn.GELU(), Linear(hidden, dim))
 
     def forward(self, centers):                                       # (..., 3) -> (..., D)
         return self.mlp(centers)
@@ -371,7 +382,10 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)  # rows: [q; k; v] as nn.MultiheadAttention packs them
-        self.proj = nn.Linear(dim, dim, bias=False)
+        # nn.MultiheadAttention's own init of its packed in_proj_weight (xavier-uniform over (3D, D)):
+        # the official trunc-normal init only reaches nn.Linear modules, and in_proj_weight is not one.
+        nn.init.xavier_uniform_(self.qkv.weight)
+        self.proj = Linear(dim, dim, bias=False)
 
     def forward(self, x, context=None, attn_mask=None):                   # x (B, Tq, D), context (B, Tk, D)
         if context is None:
@@ -389,8 +403,8 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden, bias=False)
-        self.fc2 = nn.Linear(hidden, dim, bias=False)
+        self.fc1 = Linear(dim, hidden, bias=False)
+        self.fc2 = Linear(hidden, dim, bias=False)
 
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x)))
@@ -456,7 +470,7 @@ class PointEncoder(nn.Module):
         self.tokenizer = PatchTokenizer(dim, tokenizer_dims)
         self.pos_embed = PositionEmbedding(dim, pos_hidden)
         # One CLS token with a zero positional encoding (SPEC 2.3); absent in the `mask` mode.
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cls_token else None
+        self.cls_token = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, 1, dim), std=INIT_STD)) if cls_token else None
         self.encoder = TransformerEncoder(dim, depth, num_heads, mlp_ratio, drop_path)
 
     def embed(self, patches, centers):
@@ -557,11 +571,11 @@ class Predictor(nn.Module):
         self.attention = attention
         # NOTE: official keeps `mask_token` at the top of the model; it belongs to the predictor here
         # (convert_official_state_dict moves it).
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))  # one learned token for every query
-        self.embed = nn.Linear(dim, pred_dim)                   # shared by queries, positions and context
+        self.mask_token = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, 1, dim), std=INIT_STD))  # one for every query
+        self.embed = Linear(dim, pred_dim)                   # shared by queries, positions and context
         self.blocks = nn.ModuleList(Block(pred_dim, num_heads, mlp_ratio) for _ in range(depth))
         self.norm = RMSNorm(pred_dim)
-        self.proj = nn.Linear(pred_dim, dim)
+        self.proj = Linear(pred_dim, dim)
 
     def forward(self, context, query_pos):          # context (R, T, D), query_pos (R, Q, D) -> (R, Q, D)
         R, Q, _ = query_pos.shape
@@ -588,14 +602,14 @@ class ProjectionHead(nn.Module):
 
     def __init__(self, dim: int, hidden: int = 1024, bottleneck: int = 256, num_prototypes: int = 4096):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
-                                 nn.Linear(hidden, bottleneck))
-        # PyTorch's default Linear init for v and the bias; g = |v| (SPEC 2.5: the official trunc-normal
-        # init does not reach this layer through its parametrization).
+        self.mlp = nn.Sequential(Linear(dim, hidden), nn.GELU(), Linear(hidden, hidden), nn.GELU(),
+                                 Linear(hidden, bottleneck))
+        # v keeps PyTorch's default Linear init and g = |v|: the official trunc-normal init writes into
+        # the weight that the parametrization recomputes, so it never reaches v. The bias is zeroed.
         prototypes = nn.Linear(bottleneck, num_prototypes)
         self.weight_v = nn.Parameter(prototypes.weight.detach().clone())                    # (P, b) direction
         self.weight_g = nn.Parameter(self.weight_v.detach().norm(dim=1, keepdim=True))      # (P, 1) gain
-        self.bias = nn.Parameter(prototypes.bias.detach().clone())                          # (P,)
+        self.bias = nn.Parameter(torch.zeros(num_prototypes))                               # (P,)
 
     def forward(self, x):                                                   # (..., D) -> (..., P)
         x = F.normalize(self.mlp(x), dim=-1, eps=1e-6)
@@ -686,7 +700,6 @@ class AsymDSD(nn.Module):
             student["predictor"] = Predictor(cfg.embed_dim, cfg.predictor_dim, cfg.predictor_depth,
                                              cfg.predictor_heads, cfg.mlp_ratio, cfg.predictor_attention)
         self.student = nn.ModuleDict(student)
-        self.init_weights(cfg.init_std)
         # The teacher is a copy of every student part it shares (SPEC 4.1); never trained by gradients.
         self.teacher = nn.ModuleDict({k: copy.deepcopy(v) for k, v in student.items() if k != "predictor"})
         if self.use_cls:
@@ -694,17 +707,6 @@ class AsymDSD(nn.Module):
         if self.use_patch:
             self.teacher["patch_center"] = Centering(cfg.num_prototypes, cfg.center_momentum)
         self.teacher.requires_grad_(False)
-
-    def init_weights(self, std: float):
-        """trunc-normal(std) for every nn.Linear weight, zero biases, trunc-normal tokens (SPEC 2.5)."""
-        for m in self.student.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=std)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        for name, p in self.student.named_parameters():
-            if name.endswith(("cls_token", "mask_token")):
-                nn.init.trunc_normal_(p, std=std)
 
     def ema_pairs(self):
         """(teacher tensor, student tensor) for every EMA'd parameter, matched by name."""
