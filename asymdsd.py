@@ -158,6 +158,18 @@ PRESETS = {
 MODE_OVERRIDES = {"mask": dict(num_masks=8)}  # ssrl_model_mask.yaml: multi_mask 8 (SPEC 5.8)
 
 
+def config_from_dict(saved: dict) -> Config:
+    """The Config stored in a checkpoint (lists back to tuples; keys of older versions ignored)."""
+    names = {f.name for f in dataclasses.fields(Config)}
+    return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in names})
+
+
+def encoder_kwargs(cfg: Config) -> dict:
+    """The PointEncoder arguments of a config: the one place where encoder sizes leave the Config."""
+    return dict(dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
+                tokenizer_dims=tuple(cfg.tokenizer_dims), pos_hidden=cfg.pos_hidden, cls_token=cfg.mode != "mask")
+
+
 # ----------------------------------------------------------------------------------------------
 # 1. Multi-crop, augmentation, normalisation (SPEC 1.2-1.4), batched on the device
 # ----------------------------------------------------------------------------------------------
@@ -690,8 +702,7 @@ class AsymDSD(nn.Module):
             raise ValueError("the CLS loss compares the two global crops: num_global_crops must be 2")
         self.cfg = cfg
         self.use_cls, self.use_patch = cfg.mode != "mask", cfg.mode != "cls"
-        student = {"encoder": PointEncoder(cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio,
-                                           cfg.tokenizer_dims, cfg.pos_hidden, cls_token=self.use_cls)}
+        student = {"encoder": PointEncoder(**encoder_kwargs(cfg))}
         head = lambda: ProjectionHead(cfg.embed_dim, cfg.head_hidden, cfg.head_bottleneck, cfg.num_prototypes)
         if self.use_cls:
             student["cls_head"] = head()
@@ -1260,7 +1271,7 @@ def main(argv=None):
         saved = torch.load(resume, map_location="cpu", weights_only=False)["config"]
         keep = {k: getattr(cfg, k) for k in ("device", "num_workers", "out", "max_steps", "log_every", "compile",
                                               "data_root")}
-        cfg = dataclasses.replace(Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}), **keep)
+        cfg = dataclasses.replace(config_from_dict(saved), **keep)
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(dataclasses.asdict(cfg)))
     try:
