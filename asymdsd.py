@@ -1,33 +1,29 @@
 """AsymDSD in one file: Asymmetric Dual Self-Distillation for 3D self-supervised learning.
 
 Paper: R. F. Leijenaar, H. Kasaei, "Asymmetric Dual Self-Distillation for 3D Self-Supervised
-Representation Learning", NeurIPS 2025, arXiv:2506.21724. Official code: remcofl/AsymDSD.
-This file follows the official code's live config (configs/ssrl/ssrl.yaml); every number below
-carries the SPEC section (../shared/SPEC.md in the development tree) it comes from.
+Representation Learning", NeurIPS 2025, arXiv:2506.21724. Official code: github.com/remcofl/AsymDSD.
+Numbers follow the official code's live config, `configs/ssrl/ssrl.yaml` and the files it includes;
+each non-obvious one names the official file or config key it comes from.
 
-The components, in the order the data flows:
-  1. multi_crop / augment_crops / normalize_unit_sphere   point-cloud multi-crop (SPEC 1.2-1.4)
-  2. farthest_point_sample / knn_group / patchify          FPS centres + kNN patches (SPEC 1.5)
-  3. PatchTokenizer, PositionEmbedding                     mini-PointNet tokens (SPEC 2.1-2.3)
-  4. TransformerEncoder, PointEncoder                      pre-RMSNorm ViT, no biases (SPEC 2.4)
-  5. inverse_block_masks                                   multi-mask inverse-block masking (SPEC 3.1)
-  6. query_attention_mask, Predictor                       no attention between masked queries (SPEC 3.3-3.4)
-  7. ProjectionHead, Centering                             DINO/iBOT heads + teacher centering (SPEC 4.5, 5.1)
-  8. patch_loss, cls_loss, koleo_loss                      dual distillation losses (SPEC 5.3-5.7)
-  9. AsymDSD                                               student + EMA teacher, one training step (SPEC 3-5)
- 10. schedules, train(), main()                            AdamW, per-step schedules, checkpoints, CLI (SPEC 6)
+The method, top to bottom in the order the data flows:
+   1. Views       multi_crop, augment_crops, normalize_unit_sphere      point-cloud multi-crop
+   2. Patches     farthest_point_sample, knn_group, patchify            FPS centres + kNN groups
+   3. Tokens      PatchTokenizer, PositionEmbedding                     mini-PointNet tokens, positional MLP
+   4. Masks       inverse_block_masks, make_views                       multi-mask inverse-block masking
+   5. Encoder     Attention, Block, TransformerEncoder, PointEncoder    pre-RMSNorm ViT with a CLS token
+   6. Predictor   masked_query_attention, Predictor                     no attention between masked queries
+   7. Heads       ProjectionHead, Centering                             prototype heads, teacher centering
+   8. Losses      patch_loss, cls_loss, koleo_loss                      dual self-distillation
+   9. Model       AsymDSD: forward_teacher, forward_student, forward_loss, update_teacher (EMA)
+  10. Step        make_schedules, build_optimizer, train_step
+  11. Loop        train, main (CLI); official checkpoints: convert_official_state_dict
 
 Run:   python asymdsd.py --data modelnet40 --data-root data/ModelNet40      (AsymDSD-S, one GPU)
-       python asymdsd.py --data shapes --preset tiny --epochs 2              (CPU smoke run)
-       torchrun --nproc_per_node 4 asymdsd.py --data modelnet40 ...          (DDP)
+       python asymdsd.py --data shapes --preset tiny --epochs 2              (CPU, no download)
+       torchrun --nproc_per_node 4 asymdsd.py --data shapenet ...            (several GPUs)
 
-Deliberate departures from the official code (each tagged `# NOTE:` at its line; README lists them):
-  - Cropping, augmentation and FPS/kNN run batched on the training device, not per sample in
-    CPU DataLoader workers with fpsample/scipy; the computation is the same (exact FPS, exact kNN).
-  - No gradient checkpointing (memory only; the S model fits without it).
-  - Attention through F.scaled_dot_product_attention instead of nn.MultiheadAttention (same math).
-  - Mixed precision prefers bf16 where supported (official: fp16 + GradScaler); the CLS loss and
-    KoLeo stay fp32 under autocast (official: their matmuls in fp16).
+Deliberate departures from the official code: README "Departures", items 1-10; each is tagged
+`# NOTE: (departure N)` at its line.
 
 Dimension legend used in every shape comment:
   B batch, C global crops, L local crops, M masks per global crop, N points in a cloud,
@@ -44,7 +40,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -62,54 +58,54 @@ class Config:
     # data
     data: str = "modelnet40"          # dataset name understood by data.build_dataset
     data_root: str | None = None      # folder or archive; None -> data/<Name>
-    source_points: int | None = None  # points per source cloud (None: as stored; ShapeNet 16384, SPEC 1.1)
+    source_points: int | None = None  # points per source cloud (None: as stored; meshes give 16384)
     download: bool = False            # fetch ModelNet40 if missing (never without being asked)
     skip_bad: bool = False            # skip unreadable files with a warning and a count (default: stop)
-    mode: str = "cls_mask"            # cls_mask (AsymDSD) | cls (invariance only) | mask (MPM only), SPEC 5.8
-    # multi-crop (SPEC 1.2, ShapeNetCore-U.yaml multi_crop_config)
+    mode: str = "cls_mask"            # cls_mask (AsymDSD) | cls (invariance only) | mask (MPM only): training_mode
+    # multi-crop (configs/data/ShapeNetCore-U.yaml: multi_crop_config; aspect: SampleCropPC's default)
     num_global_crops: int = 2
     global_crop_scale: tuple = (0.4, 1.0)
     global_points: int = 1024
     num_local_crops: int = 4
     local_crop_scale: tuple = (0.05, 0.4)
     local_points: int = 256
-    crop_aspect: tuple = (0.33, 3.0)  # SampleCropPC default aspect ratio range
-    # augmentation (SPEC 1.3): z-rotation U(0, 2pi) and anisotropic scale, per crop
+    crop_aspect: tuple = (0.33, 3.0)
+    # augmentation per crop: z-rotation U(0, 2pi), anisotropic scale (ShapeNetCore-U.yaml: augmentation_transform)
     scale_range: tuple = (0.8, 1.2)
-    # patchify (SPEC 1.5)
+    # patches (ShapeNetCore-U.yaml: patchify)
     global_patches: int = 64
     local_patches: int = 16
     patch_size: int = 32
-    # encoder (SPEC 2, ssrl_model.yaml encoder_config)
+    # encoder (configs/ssrl/ssrl_model.yaml: encoder_config, patch_embedding)
     embed_dim: int = 384
     depth: int = 12
     num_heads: int = 6
     mlp_ratio: float = 4.0
     tokenizer_dims: tuple = (128, 256, 512)  # point_embedding hidden_dims
     pos_hidden: int = 128
-    # masking (SPEC 3.1)
+    # masking (ssrl_model.yaml: mask_generator, InverseBlockPatchMasking)
     mask_ratio: float = 0.7
-    num_masks: int = 4                # multi_mask; the `mask` mode preset uses 8 (SPEC 5.8)
+    num_masks: int = 4                # multi_mask; `--mode mask` uses 8 (variants/model/ssrl_model_mask.yaml)
     block_ratio: float = 0.1
     adjust_ratio: float = 0.1
-    # predictor (SPEC 3.3)
+    # predictor (ssrl_model.yaml: predictor, a TransformerDecoderConfig)
     predictor_dim: int = 192
     predictor_depth: int = 6
     predictor_heads: int = 3
-    predictor_attention: str = "cross"  # cross (official) | masked_self | full_self (leaky ablation)
-    # projection heads and teacher (SPEC 4, 5)
+    predictor_attention: str = "cross"  # cross (official: self_attention false) | masked_self | full_self (leaky)
+    # projection heads, teacher, losses (ssrl_model.yaml)
     head_hidden: int = 1024
     head_bottleneck: int = 256
     num_prototypes: int = 4096
-    center_momentum: float = 0.9
+    center_momentum: float = 0.9              # cls_centering_momentum, patch_centering_momentum
     student_temp: float = 0.1
-    teacher_temp_cls: tuple = (0.04, 0.07)    # linear warm-up over temp_warmup_epochs, SPEC 5.2
+    teacher_temp_cls: tuple = (0.04, 0.07)    # LinearWarmupSchedule over temp_warmup_epochs
     teacher_temp_patch: tuple = (0.05, 0.07)
     temp_warmup_epochs: int = 10
-    ema_momentum: tuple = (0.995, 1.0)        # cosine, SPEC 4.2
-    koleo_weight: float = 0.01                # SPEC 5.5
-    regression_weight: float = 1.0            # smooth-L1 term, `mask` mode only (SPEC 5.8)
-    # optimisation (SPEC 6)
+    ema_momentum: tuple = (0.995, 1.0)        # ema_decay: CosineAnnealingWarmupSchedule, no warm-up
+    koleo_weight: float = 0.01                # koleo_loss_weight
+    regression_weight: float = 1.0            # smooth-L1 term, `mask` mode only (variants/model/ssrl_model_mask.yaml)
+    # optimisation (configs/ssrl/ssrl_optim.yaml)
     epochs: int = 300
     batch_size: int = 128
     lr: float = 5e-4
@@ -135,27 +131,24 @@ class Config:
 PRESETS = {
     # AsymDSD-S exactly as the official ShapeNet pretraining (the Config defaults).
     "paper": {},
-    # A small model for CPU: 19 ModelNet40 epochs (9,843 shapes each) in 24-27 minutes on 2 cores
-    # (OMP_NUM_THREADS=2, 119-132 samples/s). Why these sizes: per-point tokenizer work dominates a
-    # small model on CPU, so crops keep 512 / 128 points in 16-point patches; D=96 and a
-    # 512-prototype head cut the rest. lr, EMA, crops and epochs were chosen by full 30-minute
-    # runs (README "Results": 85.94 / 84.93 / 85.62 / 84.97% SVM on seeds 0-3). 19 epochs, not 20:
-    # 20 ran 27:40-30:26 (over budget on a slow host hour); 19 is no worse (+0.24 paired SVM).
+    # A small model for CPU: 19 ModelNet40 epochs in under half an hour on 2 cores (RESULTS.md).
+    # Crops keep 512 / 128 points in 16-point patches, because per-point tokenizer work dominates
+    # a small model on CPU; D = 96 and a 512-prototype head cut the rest.
     "tiny": dict(embed_dim=96, depth=4, num_heads=3, tokenizer_dims=(32, 64, 64), pos_hidden=64,
                  global_points=512, local_points=128, global_patches=32, local_patches=8, patch_size=16,
-                 # NOTE: official multi-crop has 4 local crops; 2 make a step 0.84-0.94x as long, and the
-                 # 20 epochs that buys beat 4 crops x 17 epochs on 3 of 4 seeds (+0.47 SVM mean).
+                 # NOTE: (departure 10) official multi-crop has 4 local crops; 2 buy more epochs in the
+                 # same time, which scored higher in short runs (RESULTS.md, "How the tiny preset was chosen").
                  num_local_crops=2,
                  predictor_dim=64, predictor_depth=2, predictor_heads=2, num_masks=2,
                  head_hidden=128, head_bottleneck=64, num_prototypes=512,
                  batch_size=32, epochs=19, warmup_epochs=1, temp_warmup_epochs=1, lr=5e-4,
-                 # NOTE: official EMA is a cosine from 0.995 to 1.0 (sized for 300 epochs). In 20 epochs
-                 # the cosine to 1.0 freezes the evaluated teacher for most of the second half (its
-                 # students scored +0.81 SVM over it); a constant 0.998 keeps it following: 85.13 vs
-                 # 84.81% SVM mean over 4 paired seeds, better on 3. Paper preset: 0.995 -> 1.0.
+                 # NOTE: (departure 10) official EMA is a cosine 0.995 -> 1.0, sized for 300 epochs; in 19
+                 # epochs it freezes the evaluated teacher for the second half. A constant 0.998 keeps it following.
                  ema_momentum=(0.998, 0.998), num_workers=0),
 }
-MODE_OVERRIDES = {"mask": dict(num_masks=8)}  # ssrl_model_mask.yaml: multi_mask 8 (SPEC 5.8)
+
+
+MODE_OVERRIDES = {"mask": dict(num_masks=8)}  # variants/model/ssrl_model_mask.yaml: multi_mask 8
 
 
 def config_from_dict(saved: dict) -> Config:
@@ -171,12 +164,13 @@ def encoder_kwargs(cfg: Config) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# 1. Multi-crop, augmentation, normalisation (SPEC 1.2-1.4), batched on the device
+# 1. Views: point-cloud multi-crop, augmentation, normalisation (batched on the training device)
 # ----------------------------------------------------------------------------------------------
 
 def random_rotations(n: int, generator: torch.Generator, device) -> torch.Tensor:
     """n uniformly random 3D rotation matrices (n, 3, 3), from normalised Gaussian quaternions."""
-    # NOTE: official draws scipy Rotation.random() per crop on the CPU; same (Haar) distribution, batched.
+    # NOTE: (departure 1) official draws scipy Rotation.random() per crop on the CPU; the same (Haar)
+    # distribution, batched on the device.
     q = torch.randn(n, 4, generator=generator, device=device)
     q = q / q.norm(dim=1, keepdim=True)
     w, x, y, z = q.unbind(1)
@@ -189,7 +183,7 @@ def random_rotations(n: int, generator: torch.Generator, device) -> torch.Tensor
 
 def multi_crop(points: torch.Tensor, num_crops: int, num_points: int, scale: tuple, aspect: tuple,
                generator: torch.Generator) -> torch.Tensor:
-    """Cut `num_crops` random box crops from every cloud (SPEC 1.2, SampleCropPC).
+    """Cut `num_crops` random box crops from every cloud (official asymdsd/data/multi_crop.py, SampleCropPC).
 
     Per crop: a random rotation R orients the box (the points themselves are not rotated), a
     fraction s ~ U(scale) of the N source points (at least num_points) nearest to a random source
@@ -224,7 +218,8 @@ def multi_crop(points: torch.Tensor, num_crops: int, num_points: int, scale: tup
 
 
 def augment_crops(crops: torch.Tensor, scale_range: tuple, generator: torch.Generator) -> torch.Tensor:
-    """Independent random z-rotation U(0, 2pi) and anisotropic scale U(scale_range)^3 per crop (SPEC 1.3).
+    """Independent random z-rotation U(0, 2pi) and anisotropic scale U(scale_range)^3 per crop
+    (official RandomRotateAxisPC, RandomAnisotropicScalePC).
     crops: (..., n, 3) -> (..., n, 3)"""
     lead = crops.shape[:-2]
     n = math.prod(lead)
@@ -237,14 +232,14 @@ def augment_crops(crops: torch.Tensor, scale_range: tuple, generator: torch.Gene
 
 
 def normalize_unit_sphere(points: torch.Tensor) -> torch.Tensor:
-    """Centre each cloud on its mean and divide by its largest point norm (SPEC 1.4).
+    """Centre each cloud on its mean and divide by its largest point norm (NormalizeUnitSpherePC).
     points: (..., n, 3) -> (..., n, 3)"""
     x = points - points.mean(dim=-2, keepdim=True)
     return x / x.norm(dim=-1).amax(dim=-1)[..., None, None].clamp_min(1e-12)
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. Patchify: farthest point sampling + kNN grouping (SPEC 1.5), plain batched PyTorch
+# 2. Patches: farthest point sampling centres + kNN groups (plain batched PyTorch)
 # ----------------------------------------------------------------------------------------------
 
 def farthest_point_sample(xyz: torch.Tensor, num_samples: int, start_idx: torch.Tensor | None = None,
@@ -282,10 +277,10 @@ def knn_group(xyz: torch.Tensor, centers: torch.Tensor, k: int) -> torch.Tensor:
 
 def patchify(points: torch.Tensor, num_patches: int, patch_size: int,
              generator: torch.Generator | None = None, start_idx: torch.Tensor | None = None):
-    """Split normalised clouds into patches: FPS centres, their kNN, points relative to the centre.
-    # NOTE: the official code runs fpsample/scipy per sample in CPU workers; we run the same exact
-    # FPS + kNN batched on the training device (FPS/kNN commute with the unit-sphere normalisation).
-    points: (B, N, 3) -> centers (B, G, 3), patches (B, G, K, 3)"""
+    """Split normalised clouds into patches: FPS centres, their kNN, points relative to the centre
+    (official asymdsd/data/patchify.py, PatchifyPC). points: (B, N, 3) -> centers (B, G, 3), patches (B, G, K, 3)"""
+    # NOTE: (departure 1) official runs fpsample / scipy KDTree per sample in CPU workers, before the
+    # normalisation; here the same exact FPS + kNN run batched on the device (they commute with it).
     centers_idx = farthest_point_sample(points, num_patches, start_idx, generator)    # (B, G)
     centers = points.gather(1, centers_idx[..., None].expand(-1, -1, 3))             # (B, G, 3)
     patches_idx = knn_group(points, centers, patch_size)                             # (B, G, K)
@@ -294,34 +289,8 @@ def patchify(points: torch.Tensor, num_patches: int, patch_size: int,
     return centers, patches - centers[:, :, None]
 
 
-def make_views(points: torch.Tensor, cfg: Config, generator: torch.Generator) -> dict:
-    """The student/teacher inputs of one batch: global (and local) crops, augmented, normalised
-    and patchified, and the student's M masks of each global crop. In `mask` mode a single global
-    crop (SPEC 5.8, CropSampleArrays). All of a step's randomness is drawn here, outside the model,
-    so the model's forward is one graph for torch.compile (a draw from an explicit generator would
-    break it). points: (B, N, 3) -> {"global": (centers (B, C, G, 3), patches (B, C, G, K, 3)),
-    "local": ..., "mask": (B*C*M, G) bool, row (b*C + c)*M + m}"""
-    views = {}
-    crops = {"global": (cfg.num_global_crops, cfg.global_points, cfg.global_crop_scale, cfg.global_patches)}
-    if cfg.mode == "mask":
-        crops = {"global": (1, cfg.global_points, cfg.global_crop_scale, cfg.global_patches)}
-    elif cfg.num_local_crops > 0:
-        crops["local"] = (cfg.num_local_crops, cfg.local_points, cfg.local_crop_scale, cfg.local_patches)
-    for name, (n_crops, n_points, scale, n_patches) in crops.items():
-        x = multi_crop(points, n_crops, n_points, scale, cfg.crop_aspect, generator)    # (B, c, n, 3)
-        x = normalize_unit_sphere(augment_crops(x, cfg.scale_range, generator))
-        B = x.shape[0]
-        centers, patches = patchify(x.flatten(0, 1), n_patches, cfg.patch_size, generator)
-        views[name] = (centers.view(B, n_crops, *centers.shape[1:]),
-                       patches.view(B, n_crops, *patches.shape[1:]))
-    if cfg.mode != "cls":  # multi-mask (SPEC 3.1): M independent masks per global crop
-        views["mask"] = inverse_block_masks(views["global"][0].flatten(0, 1), cfg.num_masks, cfg.mask_ratio,
-                                            cfg.block_ratio, cfg.adjust_ratio, generator)
-    return views
-
-
 # ----------------------------------------------------------------------------------------------
-# 3. Tokenizer and positional embedding (SPEC 2.1-2.3)
+# 3. Tokens: building blocks, the mini-PointNet patch tokenizer, the positional MLP
 # ----------------------------------------------------------------------------------------------
 
 INIT_STD = 0.02  # trunc-normal std of every Linear weight and of the CLS / mask tokens (init_weight_scale)
@@ -350,7 +319,7 @@ class RMSNorm(nn.Module):
 
 class PatchTokenizer(nn.Module):
     """Mini-PointNet per patch: 3->h1->h2, max-pool, concat [point, pooled], 2*h2->h3->D, max-pool.
-    RMSNorm + GELU, no biases (SPEC 2.1, MemEfficientPointMaxEmbedding)."""
+    RMSNorm + GELU, no biases (official asymdsd/layers/tokenization.py, MemEfficientPointMaxEmbedding)."""
 
     def __init__(self, dim: int, hidden: tuple = (128, 256, 512)):
         super().__init__()
@@ -371,7 +340,7 @@ class PatchTokenizer(nn.Module):
 
 
 class PositionEmbedding(nn.Module):
-    """Linear(3->h) -> GELU -> Linear(h->D), with biases, of the patch centre (SPEC 2.2)."""
+    """Linear(3->h) -> GELU -> Linear(h->D), with biases, of the patch centre (PositionEmbedding)."""
 
     def __init__(self, dim: int, hidden: int = 128):
         super().__init__()
@@ -382,127 +351,7 @@ class PositionEmbedding(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Transformer encoder (SPEC 2.4): pre-RMSNorm, no biases, position added before every block
-# ----------------------------------------------------------------------------------------------
-
-class Attention(nn.Module):
-    """Multi-head attention, packed q/k/v projection, no biases. Self-attention when `context` is
-    None; otherwise queries come from x and keys/values from `context` (cross-attention).
-    attn_mask (bool, True = may attend) broadcasts to (B, H, Tq, Tk)."""
-
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)  # rows: [q; k; v] as nn.MultiheadAttention packs them
-        # nn.MultiheadAttention's own init of its packed in_proj_weight (xavier-uniform over (3D, D)):
-        # the official trunc-normal init only reaches nn.Linear modules, and in_proj_weight is not one.
-        nn.init.xavier_uniform_(self.qkv.weight)
-        self.proj = Linear(dim, dim, bias=False)
-
-    def forward(self, x, context=None, attn_mask=None):                   # x (B, Tq, D), context (B, Tk, D)
-        if context is None:
-            q, k, v = self.qkv(x).chunk(3, dim=-1)
-        else:
-            wq, wkv = self.qkv.weight.split([x.shape[-1], 2 * x.shape[-1]])
-            q = F.linear(x, wq)
-            k, v = F.linear(context, wkv).chunk(2, dim=-1)
-        q, k, v = (rearrange(t, "b t (h d) -> b h t d", h=self.num_heads) for t in (q, k, v))
-        # NOTE: official uses nn.MultiheadAttention; SDPA computes the same and picks a fused kernel.
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, Tq, D/H)
-        return self.proj(rearrange(out, "b h t d -> b t (h d)"))
-
-
-class FeedForward(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = Linear(dim, hidden, bias=False)
-        self.fc2 = Linear(hidden, dim, bias=False)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
-def drop_path(x, rate: float, training: bool):
-    """Stochastic depth: zero the residual branch of a random fraction `rate` of the samples and
-    rescale the rest by 1/(1-rate). Off in pretraining (SPEC 2.4); 0.2 in fine-tuning (SPEC 7.1)."""
-    if rate == 0.0 or not training:
-        return x
-    keep = torch.rand(x.shape[0], *([1] * (x.ndim - 1)), device=x.device) >= rate   # (B, 1, 1)
-    return x * keep / (1 - rate)
-
-
-class Block(nn.Module):
-    """x += pos; x += Attn(RMSNorm(x) [, context]); x += FFN(RMSNorm(x)).
-    With `context`, attention is cross-attention to the (un-normalised) context (SPEC 3.3)."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
-        super().__init__()
-        self.norm1 = RMSNorm(dim)
-        self.attn = Attention(dim, num_heads)
-        self.norm2 = RMSNorm(dim)
-        self.mlp = FeedForward(dim, int(dim * mlp_ratio))
-        self.drop_path = drop_path
-
-    def forward(self, x, pos, context=None, attn_mask=None):
-        x = x + pos
-        h = self.norm1(x)
-        if context is not None and attn_mask is not None:
-            # Queries attend to [context ; queries] under attn_mask (the masked self-attention form).
-            context = torch.cat([context, h], dim=1)
-        x = x + drop_path(self.attn(h, context, attn_mask), self.drop_path, self.training)
-        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
-
-
-class TransformerEncoder(nn.Module):
-    """A stack of pre-norm blocks and a final RMSNorm. Returns the normed output and, on request,
-    every block's output before the final norm."""
-
-    def __init__(self, dim: int, depth: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
-        super().__init__()
-        rates = torch.linspace(0, drop_path, depth).tolist()  # rising linearly over depth (SPEC 7.1)
-        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio, r) for r in rates)
-        self.norm = RMSNorm(dim)
-
-    def forward(self, x, pos, return_hidden: bool = False):            # (B, T, D), (B, T, D)
-        # NOTE: official checkpoints the student's blocks (memory only); AsymDSD-S fits without it.
-        hidden = []
-        for blk in self.blocks:
-            x = blk(x, pos)
-            hidden.append(x)
-        return (self.norm(x), hidden) if return_hidden else self.norm(x)
-
-
-class PointEncoder(nn.Module):
-    """Tokenizer + positional MLP + CLS token + transformer: the network evaluate.py uses and the
-    part of the model the released checkpoints hold (`teacher.point_encoder.*`)."""
-
-    def __init__(self, dim=384, depth=12, num_heads=6, mlp_ratio=4.0, tokenizer_dims=(128, 256, 512),
-                 pos_hidden=128, cls_token=True, drop_path=0.0):
-        super().__init__()
-        self.tokenizer = PatchTokenizer(dim, tokenizer_dims)
-        self.pos_embed = PositionEmbedding(dim, pos_hidden)
-        # One CLS token with a zero positional encoding (SPEC 2.3); absent in the `mask` mode.
-        self.cls_token = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, 1, dim), std=INIT_STD)) if cls_token else None
-        self.encoder = TransformerEncoder(dim, depth, num_heads, mlp_ratio, drop_path)
-
-    def embed(self, patches, centers):
-        """patches (B, G, K, 3), centers (B, G, 3) -> tokens (B, G, D), pos (B, G, D)"""
-        return self.tokenizer(patches), self.pos_embed(centers)
-
-    def encode(self, tokens, pos, return_hidden=False):
-        """Prepend CLS (zero position) and run the transformer.
-        tokens, pos: (B, T, D) -> (B, 1 + T, D) with CLS first (or (B, T, D) without a CLS token)"""
-        if self.cls_token is not None:
-            tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens], 1)
-            pos = torch.cat([torch.zeros_like(pos[:, :1]), pos], 1)
-        return self.encoder(tokens, pos, return_hidden)
-
-    def forward(self, patches, centers, return_hidden=False):
-        return self.encode(*self.embed(patches, centers), return_hidden=return_hidden)
-
-
-# ----------------------------------------------------------------------------------------------
-# 5. Inverse-block multi-mask generator (SPEC 3.1)
+# 4. Masks: inverse-block multi-mask, and the views of one step
 # ----------------------------------------------------------------------------------------------
 
 def inverse_block_masks(centers: torch.Tensor, num_masks: int, mask_ratio: float = 0.7, block_ratio: float = 0.1,
@@ -538,41 +387,193 @@ def split_mask(mask: torch.Tensor, num_masked: int):
     return order[:, : mask.shape[1] - num_masked], order[:, mask.shape[1] - num_masked:]
 
 
+def make_views(points: torch.Tensor, cfg: Config, generator: torch.Generator) -> dict:
+    """The inputs of one training step: global (and local) crops, augmented, normalised and
+    patchified, and the student's M masks of every global crop. The `mask` mode cuts a single
+    global crop and no local ones (the official code drops multi-crop in that mode). Every random
+    draw of a step happens here, outside the model, so the model's forward is one graph for
+    torch.compile (a draw from an explicit generator would break it).
+    points (B, N, 3) -> {"global": (centers (B, C, G, 3), patches (B, C, G, K, 3)), "local": ...,
+                         "mask": (B*C*M, G) bool, True = masked, row (b*C + c)*M + m}"""
+    views = {}
+    crops = {"global": (cfg.num_global_crops, cfg.global_points, cfg.global_crop_scale, cfg.global_patches)}
+    if cfg.mode == "mask":
+        crops = {"global": (1, cfg.global_points, cfg.global_crop_scale, cfg.global_patches)}
+    elif cfg.num_local_crops > 0:
+        crops["local"] = (cfg.num_local_crops, cfg.local_points, cfg.local_crop_scale, cfg.local_patches)
+    for name, (n_crops, n_points, scale, n_patches) in crops.items():
+        x = multi_crop(points, n_crops, n_points, scale, cfg.crop_aspect, generator)    # (B, c, n, 3)
+        x = normalize_unit_sphere(augment_crops(x, cfg.scale_range, generator))
+        B = x.shape[0]
+        centers, patches = patchify(x.flatten(0, 1), n_patches, cfg.patch_size, generator)
+        views[name] = (centers.view(B, n_crops, *centers.shape[1:]),
+                       patches.view(B, n_crops, *patches.shape[1:]))
+    if cfg.mode != "cls":  # multi-mask: M independent masks per global crop
+        views["mask"] = inverse_block_masks(views["global"][0].flatten(0, 1), cfg.num_masks, cfg.mask_ratio,
+                                            cfg.block_ratio, cfg.adjust_ratio, generator)
+    return views
+
+
 # ----------------------------------------------------------------------------------------------
-# 6. Predictor: masked queries see the context, never each other (SPEC 3.3-3.4)
+# 5. Encoder: pre-RMSNorm transformer, no biases, position added before every block
 # ----------------------------------------------------------------------------------------------
 
-def query_attention_mask(num_context: int, num_queries: int, queries_see_each_other: bool = False,
-                         device=None) -> torch.Tensor:
-    """Who may attend to whom when masked queries attend to keys [context ; queries].
+class Attention(nn.Module):
+    """Multi-head attention with a packed q/k/v projection and no biases. Queries come from x,
+    keys and values from `keys` (self-attention when `keys` is x).
+    attn_mask (bool, True = may attend) broadcasts to (B, H, Tq, Tk)."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)  # rows: [q; k; v] as nn.MultiheadAttention packs them
+        # nn.MultiheadAttention's own init of its packed in_proj_weight (xavier-uniform over (3D, D)):
+        # the official trunc-normal init only reaches nn.Linear modules, and in_proj_weight is not one.
+        nn.init.xavier_uniform_(self.qkv.weight)
+        self.proj = Linear(dim, dim, bias=False)
+
+    def forward(self, x, keys, attn_mask=None):                          # x (B, Tq, D), keys (B, Tk, D)
+        if keys is x:
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+        else:
+            wq, wkv = self.qkv.weight.split([x.shape[-1], 2 * x.shape[-1]])
+            q = F.linear(x, wq)
+            k, v = F.linear(keys, wkv).chunk(2, dim=-1)
+        q, k, v = (rearrange(t, "b t (h d) -> b h t d", h=self.num_heads) for t in (q, k, v))
+        # NOTE: (departure 5) official uses nn.MultiheadAttention; SDPA computes the same, with fused kernels.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, Tq, D/H)
+        return self.proj(rearrange(out, "b h t d -> b t (h d)"))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = Linear(dim, hidden, bias=False)
+        self.fc2 = Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+def drop_path(x, rate: float, training: bool):
+    """Stochastic depth: zero the residual branch of a random fraction `rate` of the samples and
+    rescale the rest by 1/(1-rate). Off in pretraining; 0.2 in fine-tuning (drop_path_rate)."""
+    if rate == 0.0 or not training:
+        return x
+    keep = torch.rand(x.shape[0], *([1] * (x.ndim - 1)), device=x.device) >= rate   # (B, 1, 1)
+    return x * keep / (1 - rate)
+
+
+class Block(nn.Module):
+    """x += pos; x += Attn(RMSNorm(x)); x += FFN(RMSNorm(x)): pre-norm, position added before
+    every block (add_pos_enc_every_layer). An encoder block self-attends. A predictor block is
+    given the context and a `query_form`, and its queries attend to what masked_query_attention
+    allows."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = RMSNorm(dim)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = RMSNorm(dim)
+        self.mlp = FeedForward(dim, int(dim * mlp_ratio))
+        self.drop_path = drop_path
+
+    def forward(self, x, pos, context=None, query_form: str = "cross"):  # x, pos (B, T, D); context (B, Tc, D)
+        x = x + pos
+        h = self.norm1(x)
+        keys, attn_mask = (h, None) if context is None else masked_query_attention(h, context, query_form)
+        x = x + drop_path(self.attn(h, keys, attn_mask), self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+
+
+class TransformerEncoder(nn.Module):
+    """A stack of pre-norm blocks and a final RMSNorm. Returns the normed output and, on request,
+    every block's output before the final norm."""
+
+    def __init__(self, dim: int, depth: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
+        super().__init__()
+        rates = torch.linspace(0, drop_path, depth).tolist()  # rising linearly over depth (fine-tuning only)
+        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio, r) for r in rates)
+        self.norm = RMSNorm(dim)
+
+    def forward(self, x, pos, return_hidden: bool = False):            # (B, T, D), (B, T, D)
+        # NOTE: (departure 4) official checkpoints the student's blocks to save memory; AsymDSD-S fits without.
+        hidden = []
+        for blk in self.blocks:
+            x = blk(x, pos)
+            hidden.append(x)
+        return (self.norm(x), hidden) if return_hidden else self.norm(x)
+
+
+class PointEncoder(nn.Module):
+    """Tokenizer + positional MLP + CLS token + transformer: the network evaluate.py uses and the
+    part of the model the released checkpoints hold (`teacher.point_encoder.*`)."""
+
+    def __init__(self, dim=384, depth=12, num_heads=6, mlp_ratio=4.0, tokenizer_dims=(128, 256, 512),
+                 pos_hidden=128, cls_token=True, drop_path=0.0):
+        super().__init__()
+        self.tokenizer = PatchTokenizer(dim, tokenizer_dims)
+        self.pos_embed = PositionEmbedding(dim, pos_hidden)
+        # One CLS token with a zero positional encoding; absent in the `mask` mode.
+        self.cls_token = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, 1, dim), std=INIT_STD)) if cls_token else None
+        self.encoder = TransformerEncoder(dim, depth, num_heads, mlp_ratio, drop_path)
+
+    def embed(self, patches, centers):
+        """patches (B, G, K, 3), centers (B, G, 3) -> tokens (B, G, D), pos (B, G, D)"""
+        return self.tokenizer(patches), self.pos_embed(centers)
+
+    def encode(self, tokens, pos, return_hidden=False):
+        """Prepend CLS (zero position) and run the transformer.
+        tokens, pos: (B, T, D) -> (B, 1 + T, D) with CLS first (or (B, T, D) without a CLS token)"""
+        if self.cls_token is not None:
+            tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens], 1)
+            pos = torch.cat([torch.zeros_like(pos[:, :1]), pos], 1)
+        return self.encoder(tokens, pos, return_hidden)
+
+    def forward(self, patches, centers, return_hidden=False):
+        return self.encode(*self.embed(patches, centers), return_hidden=return_hidden)
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Predictor: masked queries see the context, never each other
+# ----------------------------------------------------------------------------------------------
+
+def masked_query_attention(queries: torch.Tensor, context: torch.Tensor, form: str = "cross"):
+    """What the predictor's masked queries attend to. The paper's rule: masked queries do not attend
+    to each other, so the prediction at one masked patch cannot use where the other masked patches
+    are (that would leak the shape). Checked by test_masked_query_does_not_see_other_masked_queries.
+
+    form "cross" (official, self_attention false): keys = context; queries see no query at all.
+    form "masked_self": keys = [context ; queries], each query sees the context and itself only:
 
                       keys:  c_1 ... c_T | q_1 q_2 q_3
         query q_1             1  ...  1  |  1   0   0
-        query q_2             1  ...  1  |  0   1   0
-        query q_3             1  ...  1  |  0   0   1
+        query q_2             1  ...  1  |  0   1   0         1 = may attend (the SDPA convention;
+        query q_3             1  ...  1  |  0   0   1         the official code builds the complement)
 
-    1 = may attend (the F.scaled_dot_product_attention convention; the official code builds the
-    complement for nn.MultiheadAttention, True = blocked). Every query sees the whole context and
-    itself, so a masked patch's prediction cannot depend on where the other masked patches are.
-    queries_see_each_other=True fills the query block with ones: the leaky form the paper warns about.
-    returns (Q, T + Q) bool
+    form "full_self": keys = [context ; queries], no mask: queries see each other (the leaky ablation).
+    queries (R, Q, E) after the block's norm, context (R, T, E) -> keys (R, Tk, E), attn_mask (Q, Tk) or None
     """
-    query_block = torch.ones(num_queries, num_queries, dtype=torch.bool, device=device)
-    if not queries_see_each_other:
-        query_block = torch.eye(num_queries, dtype=torch.bool, device=device)
-    context_block = torch.ones(num_queries, num_context, dtype=torch.bool, device=device)
-    return torch.cat([context_block, query_block], dim=1)
+    if form == "cross":
+        return context, None
+    if form not in ("masked_self", "full_self"):
+        raise ValueError(f"predictor attention must be cross, masked_self or full_self, not {form!r}")
+    keys = torch.cat([context, queries], dim=1)                                       # (R, T + Q, E)
+    if form == "full_self":
+        return keys, None
+    Q, T = queries.shape[1], context.shape[1]
+    sees_context = torch.ones(Q, T, dtype=torch.bool, device=queries.device)
+    sees_itself = torch.eye(Q, dtype=torch.bool, device=queries.device)
+    return keys, torch.cat([sees_context, sees_itself], dim=1)                        # (Q, T + Q)
 
 
 class Predictor(nn.Module):
-    """Predicts the encoder's tokens at masked positions from the visible context (SPEC 3.3).
+    """Predicts the encoder's tokens at the masked positions from the visible context.
 
     One shared Linear(D->E, bias) projects the mask token, the query positions and the context
-    (ProjectionWrapper); E-wide pre-norm blocks add the query position before every block;
-    final RMSNorm; Linear(E->D, bias) back out.
-    attention: "cross"       queries attend to the context only (official default, self_attention: false)
-               "masked_self" queries attend to [context ; queries] under query_attention_mask
-               "full_self"   as masked_self but queries see each other (leakage ablation)
+    (the official ProjectionWrapper); E-wide pre-norm blocks add the query position before every
+    block; a final RMSNorm; Linear(E->D, bias) back out. `attention` is the query form of
+    masked_query_attention: cross (official), masked_self, or full_self (leaky ablation).
     """
 
     def __init__(self, dim: int, pred_dim: int, depth: int, num_heads: int, mlp_ratio: float = 4.0,
@@ -581,9 +582,8 @@ class Predictor(nn.Module):
         if attention not in ("cross", "masked_self", "full_self"):
             raise ValueError(f"predictor attention must be cross, masked_self or full_self, not {attention!r}")
         self.attention = attention
-        # NOTE: official keeps `mask_token` at the top of the model; it belongs to the predictor here
-        # (convert_official_state_dict moves it).
-        self.mask_token = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, 1, dim), std=INIT_STD))  # one for every query
+        # NOTE: (departure 6) official keeps `mask_token` at the top of the model; it is the predictor's here.
+        self.mask_token = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, 1, dim), std=INIT_STD))  # every query's
         self.embed = Linear(dim, pred_dim)                   # shared by queries, positions and context
         self.blocks = nn.ModuleList(Block(pred_dim, num_heads, mlp_ratio) for _ in range(depth))
         self.norm = RMSNorm(pred_dim)
@@ -594,23 +594,20 @@ class Predictor(nn.Module):
         memory = self.embed(context)                                      # (R, T, E)
         pos = self.embed(query_pos)                                       # (R, Q, E)
         q = self.embed(self.mask_token).to(pos.dtype).expand(R, Q, -1)    # (R, Q, E)
-        attn_mask = None
-        if self.attention != "cross":
-            attn_mask = query_attention_mask(context.shape[1], Q, self.attention == "full_self", q.device)
         for blk in self.blocks:
-            q = blk(q, pos, context=memory, attn_mask=attn_mask)
+            q = blk(q, pos, context=memory, query_form=self.attention)
         return self.proj(self.norm(q))
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. Projection heads and teacher centering (SPEC 5.1, 4.5)
+# 7. Heads: prototype projection heads and the teacher's centering
 # ----------------------------------------------------------------------------------------------
 
 class ProjectionHead(nn.Module):
-    """MLP D->h->h->b (GELU, biases), L2-normalise, weight-normalised Linear(b->P) with bias and a
-    trainable gain (SPEC 5.1)."""
-    # NOTE: official wraps the last Linear in torch.nn.utils.parametrizations.weight_norm; written
-    # out here (w = g * v / |v|, same g/v tensors) so the class copies out without parametrizations.
+    """MLP D->h->h->b (GELU, biases), L2-normalise, weight-normalised Linear(b->P) with a bias and
+    a trainable gain (official asymdsd/layers/projection_head.py)."""
+    # NOTE: (departure 7) official wraps the last Linear in parametrizations.weight_norm; written out
+    # here (w = g * v / |v|, the same g and v tensors) so the class copies out without parametrizations.
 
     def __init__(self, dim: int, hidden: int = 1024, bottleneck: int = 256, num_prototypes: int = 4096):
         super().__init__()
@@ -630,8 +627,8 @@ class ProjectionHead(nn.Module):
 
 
 class Centering(nn.Module):
-    """Subtract a running mean of the teacher logits (old centre), then update it with momentum
-    (SPEC 4.5); the batch mean is averaged over ranks under DDP."""
+    """Subtract a running mean of the teacher logits (the old centre), then update it with momentum
+    (official asymdsd/layers/centering.py); the batch mean is averaged over ranks under DDP."""
 
     def __init__(self, dim: int, momentum: float = 0.9):
         super().__init__()
@@ -651,29 +648,31 @@ class Centering(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# 8. Losses (SPEC 5.3-5.8)
+# 8. Losses: masked-patch distillation, CLS invariance distillation, KoLeo
 # ----------------------------------------------------------------------------------------------
 
 def patch_loss(student_logits, teacher_probs, student_temp: float):
-    """iBOT-style: mean over masked tokens of -sum_k p_t log softmax(s / tau_s).  (n, P), (n, P) -> ()"""
+    """Masked-patch loss (iBOT-style, official asymdsd/loss/patch_loss.py): mean over masked tokens
+    of -sum_P p_teacher log softmax(s / tau_s).  (n, P), (n, P) -> ()"""
     return -(teacher_probs * F.log_softmax(student_logits.float() / student_temp, dim=-1)).sum(-1).mean()
 
 
 def cls_loss(student_logits, teacher_probs, student_temp: float):
-    """DINO-style: mean over every (sample, teacher crop, student crop) pair; same-view pairs are
-    kept, as in the official code (SPEC 10.1).  student (B, S, P), teacher (B, T, P) -> ()"""
+    """Invariance loss (DINO-style, official asymdsd/loss/cls_loss.py): mean over every (sample,
+    teacher crop, student crop) pair; same-view pairs are kept, as in the official code.
+    student (B, S, P), teacher (B, T, P) -> ()"""
     log_p = F.log_softmax(student_logits.float() / student_temp, dim=-1)
-    # NOTE: official runs this einsum in fp16 under autocast; ours stays fp32 (bf16 would round
-    # the log-probabilities to 3 significant digits). Identical in fp32; the cost is negligible.
+    # NOTE: (departure 8) official runs this einsum in fp16 under autocast; it stays fp32 here (bf16
+    # would round the log-probabilities to 3 significant digits). Identical in fp32.
     with torch.autocast(log_p.device.type, enabled=False):
         return -torch.einsum("btp,bsp->bts", teacher_probs.float(), log_p).mean()
 
 
 def koleo_loss(x, eps: float = 1e-6):
-    """Kozachenko-Leonenko entropy estimate per view column: -mean log |x_i - nearest other x_j|
-    over the batch, after L2 normalisation (SPEC 5.5).  x (B, S, D) -> ()"""
-    # NOTE: official computes the similarities in fp16 under autocast; ours stay fp32: near 1 they
-    # tie in fp16 and bf16, and the argmax then picks a farther sample. Identical in fp32.
+    """KoLeo regulariser (official asymdsd/loss/koleo_loss.py): per view column, -mean log of the
+    distance to the nearest other sample of the batch, after L2 normalisation.  x (B, S, D) -> ()"""
+    # NOTE: (departure 8) official computes the similarities in fp16 under autocast; here fp32: near 1
+    # they tie in fp16 and bf16, and the argmax then picks a farther sample. Identical in fp32.
     with torch.autocast(x.device.type, enabled=False):
         x = F.normalize(x.float(), dim=-1, eps=1e-8).transpose(0, 1)               # (S, B, D)
         sim = x @ x.transpose(1, 2)                                                 # (S, B, B)
@@ -684,14 +683,35 @@ def koleo_loss(x, eps: float = 1e-6):
 
 
 # ----------------------------------------------------------------------------------------------
-# 9. AsymDSD: student, EMA teacher, and the loss of one step (SPEC 3-5)
+# 9. AsymDSD: the student, the EMA teacher, and the loss of one step
 # ----------------------------------------------------------------------------------------------
+
+@dataclass
+class TeacherTargets:
+    """What the EMA teacher gives the losses, from the full, unmasked global crops."""
+    cls: torch.Tensor | None = None      # (B, C, P) CLS probabilities (cls_mask, cls modes)
+    patch: torch.Tensor | None = None    # (B*C, G, P) probabilities of every patch token (cls_mask, mask)
+    tokens: torch.Tensor | None = None   # (B*C, G, D) patch tokens: the `mask` mode's regression target
+
+
+@dataclass
+class StudentOutputs:
+    """What the student's passes give the losses. CLS rows are grouped per sample: (B, views, .)."""
+    masked: torch.Tensor | None = None        # (B*C*M, Q) masked patch indices of every masked view
+    pred: torch.Tensor | None = None          # (B*C*M, Q, D) predicted tokens at those patches
+    patch_logits: torch.Tensor | None = None  # (B*C*M, Q, P) patch head on the predictions
+    cls_global: torch.Tensor | None = None    # (B, 1 or C, P) CLS head on unmasked global crops
+    cls_masked: torch.Tensor | None = None    # (B, C*M, P) CLS head on the masked views
+    cls_local: torch.Tensor | None = None     # (B, L, P) CLS head on the local crops
+    emb_global: torch.Tensor | None = None    # (B, 1 or C, D) CLS embeddings (KoLeo's input)
+    emb_masked: torch.Tensor | None = None    # (B, C*M, D)
+
 
 class AsymDSD(nn.Module):
     """Student (encoder, predictor, heads) and EMA teacher (encoder, heads, centres).
 
     forward(views, ...) = forward_teacher -> forward_student -> forward_loss, so one call (and one
-    DistributedDataParallel forward) is one training step's loss.
+    DistributedDataParallel forward) is one training step's loss; update_teacher is the EMA.
     """
 
     def __init__(self, cfg: Config):
@@ -711,7 +731,7 @@ class AsymDSD(nn.Module):
             student["predictor"] = Predictor(cfg.embed_dim, cfg.predictor_dim, cfg.predictor_depth,
                                              cfg.predictor_heads, cfg.mlp_ratio, cfg.predictor_attention)
         self.student = nn.ModuleDict(student)
-        # The teacher is a copy of every student part it shares (SPEC 4.1); never trained by gradients.
+        # The teacher is a copy of every student part it shares; gradients never train it.
         self.teacher = nn.ModuleDict({k: copy.deepcopy(v) for k, v in student.items() if k != "predictor"})
         if self.use_cls:
             self.teacher["cls_center"] = Centering(cfg.num_prototypes, cfg.center_momentum)
@@ -726,7 +746,8 @@ class AsymDSD(nn.Module):
 
     @torch.no_grad()
     def update_teacher(self, momentum: float):
-        """theta_t <- m theta_t + (1 - m) theta_s; skipped at m >= 1 (SPEC 4.1)."""
+        """EMA: theta_t <- m theta_t + (1 - m) theta_s, skipped at m >= 1 (official
+        asymdsd/components/exponential_moving_average.py)."""
         if momentum >= 1.0:
             return
         teacher, student = zip(*self.ema_pairs())
@@ -734,98 +755,98 @@ class AsymDSD(nn.Module):
 
     # -- 1. teacher ------------------------------------------------------------------------------
     @torch.no_grad()
-    def forward_teacher(self, centers, patches, temp_cls: float, temp_patch: float):
-        """Full, unmasked global crops; one pass per crop, reused by all its masks (SPEC 4.3-4.4).
-        centers (B, C, G, 3), patches (B, C, G, K, 3) -> dict of teacher probabilities / tokens"""
+    def forward_teacher(self, centers, patches, temp_cls, temp_patch) -> TeacherTargets:
+        """Full, unmasked global crops; one pass per crop, reused by all its masks.
+        centers (B, C, G, 3), patches (B, C, G, K, 3) -> TeacherTargets"""
         B, C = centers.shape[:2]
         t = self.teacher
         x = t["encoder"](patches.flatten(0, 1), centers.flatten(0, 1))    # (BC, [1+]G, D)
-        out = {}
+        out = TeacherTargets()
         if self.use_cls:
             logits = t["cls_center"](t["cls_head"](x[:, 0]))               # (BC, P)
-            out["cls"] = F.softmax(logits.float() / temp_cls, dim=-1).view(B, C, -1)
+            out.cls = F.softmax(logits.float() / temp_cls, dim=-1).view(B, C, -1)
         if self.use_patch:
-            tokens = x[:, 1:] if self.use_cls else x                       # (BC, G, D)
-            logits = t["patch_center"](t["patch_head"](tokens))            # (BC, G, P)
-            out["patch"] = F.softmax(logits.float() / temp_patch, dim=-1)
-            out["tokens"] = tokens
+            out.tokens = x[:, 1:] if self.use_cls else x                   # (BC, G, D)
+            logits = t["patch_center"](t["patch_head"](out.tokens))        # (BC, G, P)
+            out.patch = F.softmax(logits.float() / temp_patch, dim=-1)
         return out
 
     # -- 2. student ------------------------------------------------------------------------------
-    def forward_student(self, views):
-        """All student passes of one step (SPEC 3.2-3.5).
-        views["global"]: centers (B, C, G, 3), patches (B, C, G, K, 3); views["local"] likewise;
-        views["mask"]: (BCM, G) bool, True = masked (drawn in make_views)."""
+    def forward_student(self, views) -> StudentOutputs:
+        """All student passes of one step: the masked views (encoder on CLS + visible patches, then
+        the predictor), crop 0 unmasked for the CLS loss (add_unmasked_global_cls), and the local
+        crops. views["global"]: centers (B, C, G, 3), patches (B, C, G, K, 3); views["local"]
+        likewise; views["mask"]: (BCM, G) bool, True = masked (drawn in make_views)."""
         cfg, s = self.cfg, self.student
         enc = s["encoder"]
         centers, patches = views["global"]
         B, C, G = centers.shape[:3]
-        out = {}
+        out = StudentOutputs()
         tokens, pos = enc.embed(patches.flatten(0, 1), centers.flatten(0, 1))  # (BC, G, D) once per crop
-        cls_parts = []
+        cls_in = {}                                                        # view group -> CLS embeddings
         if self.use_patch:
             M = cfg.num_masks
-            mask = views["mask"]                                           # (BCM, G), row = (b*C + c)*M + m
             Q = round(cfg.mask_ratio * G)
-            visible, masked = split_mask(mask, Q)                          # (BCM, V), (BCM, Q)
+            visible, out.masked = split_mask(views["mask"], Q)             # (BCM, V), (BCM, Q)
             crop = torch.arange(B * C, device=centers.device).repeat_interleave(M)[:, None]  # (BCM, 1)
-            x = enc.encode(tokens[crop, visible], pos[crop, visible])      # (BCM, [1+]V, D) encoder sees visible only
-            pred = s["predictor"](x, pos[crop, masked])                    # (BCM, Q, D)
-            out.update(mask=mask, masked=masked, pred=pred, patch_logits=s["patch_head"](pred))
-            if self.use_cls:
-                cls_parts.append(("masked", x[:, 0]))                      # (BCM, D) CLS of masked views
+            x = enc.encode(tokens[crop, visible], pos[crop, visible])      # (BCM, [1+]V, D): visible only
+            out.pred = s["predictor"](x, pos[crop, out.masked])            # (BCM, Q, D)
+            out.patch_logits = s["patch_head"](out.pred)                   # (BCM, Q, P)
         if self.use_cls:
-            if self.use_patch:  # crop 0 again, unmasked, for the CLS loss only (add_unmasked_global_cls)
+            if self.use_patch:  # crop 0 again, unmasked, for the CLS loss only
                 tok0, pos0 = tokens.view(B, C, G, -1)[:, 0], pos.view(B, C, G, -1)[:, 0]
-                cls_parts.insert(0, ("global", enc.encode(tok0, pos0)[:, 0]))            # (B, D)
+                cls_in["global"] = enc.encode(tok0, pos0)[:, 0]                        # (B, D)
+                cls_in["masked"] = x[:, 0]                                             # (BCM, D)
             else:               # cls mode: both global crops, unmasked
-                cls_parts.insert(0, ("global", enc.encode(tokens, pos)[:, 0]))           # (BC, D)
+                cls_in["global"] = enc.encode(tokens, pos)[:, 0]                       # (BC, D)
             if "local" in views:
                 lc, lp = views["local"]
-                cls_parts.append(("local", enc(lp.flatten(0, 1), lc.flatten(0, 1))[:, 0]))  # (BL, D)
-            names, embs = zip(*cls_parts)
-            sizes = [e.shape[0] for e in embs]
-            logits = s["cls_head"](torch.cat(embs)).split(sizes)           # one head call for all crops
-            for n, e, l in zip(names, embs, logits):
-                out[f"cls_emb_{n}"], out[f"cls_{n}"] = e.view(B, -1, e.shape[-1]), l.view(B, -1, l.shape[-1])
+                cls_in["local"] = enc(lp.flatten(0, 1), lc.flatten(0, 1))[:, 0]        # (BL, D)
+            embs = list(cls_in.values())
+            logits = s["cls_head"](torch.cat(embs)).split([e.shape[0] for e in embs])  # one head call
+            for group, e, l in zip(cls_in, embs, logits):
+                setattr(out, f"cls_{group}", l.view(B, -1, l.shape[-1]))
+                if group != "local":
+                    setattr(out, f"emb_{group}", e.view(B, -1, e.shape[-1]))
         return out
 
     # -- 3. loss ---------------------------------------------------------------------------------
-    def forward_loss(self, student, teacher):
-        """Total of SPEC 5.7 (cls_mask), 5.8 (cls, mask). Returns (loss, dict of detached terms)."""
+    def forward_loss(self, student: StudentOutputs, teacher: TeacherTargets):
+        """The dual self-distillation loss: (patch + cls + 0.01 koleo) / 2.01 in cls_mask mode, the
+        weighted mean of the active terms in the ablation modes. Returns (loss, dict of detached logs)."""
         cfg, terms, weights = self.cfg, {}, {}
         if self.use_patch:
-            masked, M = student["masked"], cfg.num_masks
+            masked, M = student.masked, cfg.num_masks
             crop = torch.arange(masked.shape[0], device=masked.device)[:, None] // M     # (BCM, 1)
-            target = teacher["patch"][crop, masked]                                      # (BCM, Q, P)
-            terms["patch"] = patch_loss(student["patch_logits"].flatten(0, 1), target.flatten(0, 1), cfg.student_temp)
+            target = teacher.patch[crop, masked]                                         # (BCM, Q, P)
+            terms["patch"] = patch_loss(student.patch_logits.flatten(0, 1), target.flatten(0, 1), cfg.student_temp)
             weights["patch"] = 1.0
         if self.use_cls:
-            p = teacher["cls"]                                                           # (B, 2, P)
+            p = teacher.cls                                                              # (B, 2, P)
             cls_terms = []
-            if "cls_local" in student:
-                cls_terms.append(cls_loss(student["cls_local"], p, cfg.student_temp))    # local vs global
+            if student.cls_local is not None:
+                cls_terms.append(cls_loss(student.cls_local, p, cfg.student_temp))       # local vs global
             if self.use_patch:
-                cls_terms.append(cls_loss(student["cls_masked"], p, cfg.student_temp))   # masked views vs global
-                cls_terms.append(cls_loss(student["cls_global"], p[:, 1:], cfg.student_temp))  # crop 0 vs teacher crop 1
-                koleo_in = torch.cat([student["cls_emb_global"], student["cls_emb_masked"]], 1)  # (B, 1+CM, D)
+                cls_terms.append(cls_loss(student.cls_masked, p, cfg.student_temp))      # masked views vs global
+                cls_terms.append(cls_loss(student.cls_global, p[:, 1:], cfg.student_temp))  # crop 0 vs teacher crop 1
+                koleo_in = torch.cat([student.emb_global, student.emb_masked], 1)        # (B, 1+CM, D)
             else:
-                cls_terms.append(cls_loss(student["cls_global"], p, cfg.student_temp))   # global vs global
-                koleo_in = student["cls_emb_global"]                                     # (B, 2, D)
+                cls_terms.append(cls_loss(student.cls_global, p, cfg.student_temp))      # global vs global
+                koleo_in = student.emb_global                                            # (B, 2, D)
             terms["cls"] = torch.stack(cls_terms).mean()
             weights["cls"] = 1.0
             if cfg.koleo_weight > 0:
                 terms["koleo"] = koleo_loss(koleo_in)
                 weights["koleo"] = cfg.koleo_weight
         if cfg.mode == "mask" and cfg.regression_weight > 0:
-            target = teacher["tokens"][crop, masked]                                     # (BM, Q, D)
-            terms["regression"] = F.smooth_l1_loss(student["pred"].float(), target.float(), beta=2.0)
+            target = teacher.tokens[crop, masked]                                        # (BM, Q, D)
+            terms["regression"] = F.smooth_l1_loss(student.pred.float(), target.float(), beta=2.0)
             weights["regression"] = cfg.regression_weight
         loss = sum(weights[k] * terms[k] for k in terms) / sum(weights.values())
         logs = {f"loss_{k}": v.detach() for k, v in terms.items()}
         for k in ("cls", "patch"):
-            if k in teacher:  # entropy of the teacher's distributions: collapse shows here first
-                tp = teacher[k]
+            tp = getattr(teacher, k)
+            if tp is not None:  # entropy of the teacher's distributions: collapse shows here first
                 logs[f"teacher_entropy_{k}"] = -(tp * tp.clamp_min(1e-12).log()).sum(-1).mean()
         return loss, logs
 
@@ -836,89 +857,7 @@ class AsymDSD(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Official checkpoint layout -> this file's modules: one explicit key mapping
-# ----------------------------------------------------------------------------------------------
-
-# (official key pattern, our key) applied in order to keys with the `student.`/`teacher.` prefix
-# stripped; {i} is a block index. These cover every tensor of an official AsymDSD state_dict.
-OFFICIAL_KEY_MAP = [
-    (r"point_encoder\.cls_token", "encoder.cls_token"),
-    (r"point_encoder\.patch_embedding\.point_embedding\.(block_[12]\.[013]\.weight)", r"encoder.tokenizer.\1"),
-    (r"point_encoder\.patch_embedding\.position_embedding\.position_embedding\.([02]\.(weight|bias))", r"encoder.pos_embed.mlp.\1"),
-    (r"point_encoder\.encoder\.stack\.(\d+)\.self_attn\.norm\.weight", r"encoder.encoder.blocks.\1.norm1.weight"),
-    (r"point_encoder\.encoder\.stack\.(\d+)\.self_attn\.attn\.in_proj_weight", r"encoder.encoder.blocks.\1.attn.qkv.weight"),
-    (r"point_encoder\.encoder\.stack\.(\d+)\.self_attn\.attn\.out_proj\.weight", r"encoder.encoder.blocks.\1.attn.proj.weight"),
-    (r"point_encoder\.encoder\.stack\.(\d+)\.ffn\.norm\.weight", r"encoder.encoder.blocks.\1.norm2.weight"),
-    (r"point_encoder\.encoder\.stack\.(\d+)\.ffn\.mlp\.linear_([12])\.weight", r"encoder.encoder.blocks.\1.mlp.fc\2.weight"),
-    (r"point_encoder\.encoder\.norm\.weight", "encoder.encoder.norm.weight"),
-    (r"(cls|patch)_projection_head\.mlp\.mlp\.0\.(weight|bias)", r"\1_head.mlp.0.\2"),
-    (r"(cls|patch)_projection_head\.mlp\.mlp\.4\.(weight|bias)", r"\1_head.mlp.2.\2"),
-    (r"(cls|patch)_projection_head\.mlp\.mlp\.8\.(weight|bias)", r"\1_head.mlp.4.\2"),
-    (r"(cls|patch)_projection_head\.linear\.bias", r"\1_head.bias"),
-    (r"(cls|patch)_projection_head\.linear\.parametrizations\.weight\.original0", r"\1_head.weight_g"),
-    (r"(cls|patch)_projection_head\.linear\.parametrizations\.weight\.original1", r"\1_head.weight_v"),
-    (r"(cls|patch)_centering\.center", r"\1_center.center"),
-    (r"predictor\.module\.stack\.(\d+)\.cross_attn\.norm\.weight", r"predictor.blocks.\1.norm1.weight"),
-    (r"predictor\.module\.stack\.(\d+)\.cross_attn\.attn\.in_proj_weight", r"predictor.blocks.\1.attn.qkv.weight"),
-    (r"predictor\.module\.stack\.(\d+)\.cross_attn\.attn\.out_proj\.weight", r"predictor.blocks.\1.attn.proj.weight"),
-    (r"predictor\.module\.stack\.(\d+)\.ffn\.norm\.weight", r"predictor.blocks.\1.norm2.weight"),
-    (r"predictor\.module\.stack\.(\d+)\.ffn\.mlp\.linear_([12])\.weight", r"predictor.blocks.\1.mlp.fc\2.weight"),
-    (r"predictor\.module\.norm\.weight", "predictor.norm.weight"),
-    (r"predictor\.embedding\.(weight|bias)", r"predictor.embed.\1"),
-    (r"predictor\.projection\.(weight|bias)", r"predictor.proj.\1"),
-]
-
-
-def convert_official_state_dict(official: dict) -> dict:
-    """Rename an official AsymDSD Lightning `state_dict` to this file's AsymDSD layout
-    (`student.*`, `teacher.*`). The student-only `mask_token` moves into the predictor.
-    Raises ValueError naming every key no rule covers."""
-    import re
-    out, unknown = {}, []
-    for key, value in official.items():
-        if key == "mask_token":
-            out["student.predictor.mask_token"] = value
-            continue
-        side, _, rest = key.partition(".")
-        for pattern, repl in OFFICIAL_KEY_MAP:
-            if side in ("student", "teacher") and re.fullmatch(pattern, rest):
-                out[f"{side}.{re.sub(pattern, repl, rest)}"] = value
-                break
-        else:
-            unknown.append(key)
-    if unknown:
-        raise ValueError(f"{len(unknown)} keys are not in the official AsymDSD layout, e.g. {unknown[:5]}; "
-                         "is this an AsymDSD checkpoint (a Lightning .ckpt's 'state_dict')?")
-    return out
-
-
-def load_checked(module: nn.Module, state: dict, what: str):
-    """load_state_dict(strict) that refuses with one clear message listing missing, unexpected and
-    mis-shaped keys, so a checkpoint for another model size never half-loads."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        raise ValueError(f"{what} does not fit this model ({len(missing)} missing, {len(unexpected)} unexpected, "
-                         f"{len(shapes)} mis-shaped keys). Missing: {missing[:4]} Unexpected: {unexpected[:4]} "
-                         f"Shapes: {shapes[:4]}. Build the model with the checkpoint's sizes "
-                         "(embed_dim, depth, num_heads, tokenizer_dims, ...).")
-    module.load_state_dict(state)
-
-
-def load_official_encoder(encoder: PointEncoder, official: dict, which: str = "teacher") -> PointEncoder:
-    """Load `<which>.point_encoder.*` of an official checkpoint state_dict into a PointEncoder."""
-    converted = convert_official_state_dict({k: v for k, v in official.items()
-                                             if k.startswith(f"{which}.point_encoder.")})
-    prefix = f"{which}.encoder."
-    load_checked(encoder, {k[len(prefix):]: v for k, v in converted.items()}, f"the official {which} encoder")
-    return encoder
-
-
-# ----------------------------------------------------------------------------------------------
-# 10. Schedules (per step, as arrays indexed by the global step), training loop, CLI (SPEC 6)
+# 10. Training step: per-step schedules, AdamW, mixed precision, one step
 # ----------------------------------------------------------------------------------------------
 
 def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: int = 0,
@@ -946,12 +885,11 @@ def make_schedules(cfg: Config, steps_per_epoch: int) -> dict:
     }
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name} asked for, but no CUDA GPU is visible; use --device cpu")
-    return torch.device(name)
+def build_optimizer(model: AsymDSD, cfg: Config) -> torch.optim.AdamW:
+    """AdamW over the student: one group, weight decay on everything (official ssrl_optim.yaml).
+    fused=True: one kernel for the whole update."""
+    return torch.optim.AdamW(model.student.parameters(), lr=cfg.lr, betas=cfg.betas,
+                             weight_decay=cfg.weight_decay, fused=True)
 
 
 def autocast_dtype(precision: str, device: torch.device):
@@ -959,9 +897,46 @@ def autocast_dtype(precision: str, device: torch.device):
     if precision == "auto":
         if device.type != "cuda":
             return None
-        # NOTE: official trains in fp16 ("16-mixed"); bf16 needs no loss scaling and is as fast.
+        # NOTE: (departure 9) official trains in fp16 ("16-mixed"); bf16 needs no loss scaling and is as fast.
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def train_step(net, model: AsymDSD, optimizer, scaler, points, cfg: Config, sched: dict, gen, amp_dtype=None):
+    """One AsymDSD step on a batch of clouds (B, N, 3) already on the device. `net` is the model, or
+    its DDP / compiled wrapper; `sched` holds this step's lr, ema (floats), temp_cls, temp_patch
+    (floats, or 0-d tensors on the device as train() passes them, so torch.compile never recompiles).
+    Returns (loss, logs, grad_norm), detached, with no host sync."""
+    for group in optimizer.param_groups:
+        group["lr"] = sched["lr"]
+    # 1. views: crops, augmentation, normalisation, patches, masks (no gradients)
+    with torch.no_grad():
+        views = make_views(points, cfg, gen)
+    # 2-4. teacher pass, student passes, loss
+    with torch.autocast(points.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        loss, logs = net(views, sched["temp_cls"], sched["temp_patch"])
+    # 5. optimiser step (gradients unscaled before clipping, as Lightning does)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    grad_norm = nn.utils.clip_grad_norm_(model.student.parameters(), cfg.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    # 6. EMA teacher
+    model.update_teacher(sched["ema"])
+    return loss.detach(), logs, grad_norm.detach()
+
+
+# ----------------------------------------------------------------------------------------------
+# 11. Training loop: data, checkpoints, logs, DDP, CLI
+# ----------------------------------------------------------------------------------------------
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name} asked for, but no CUDA GPU is visible; use --device cpu")
+    return torch.device(name)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -1007,7 +982,7 @@ class IndexedDataset(torch.utils.data.Dataset):
 
 def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, rank: int, world: int) -> list:
     """The epoch's batches of dataset indices for this rank: one permutation per (seed, epoch),
-    split into equal per-rank shards, the incomplete last batch dropped (drop_last, SPEC 1.1)."""
+    split into equal per-rank shards, the incomplete last batch dropped (drop_last, as the official loader)."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     per_rank = n // (batch_size * world) * batch_size
     shard = perm[rank * per_rank:(rank + 1) * per_rank]
@@ -1045,40 +1020,9 @@ def setup_distributed(cfg: Config):
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def build_optimizer(model: AsymDSD, cfg: Config) -> torch.optim.AdamW:
-    """AdamW over the student: one group, weight decay on everything (SPEC 6). fused: one kernel
-    for the whole update (0.37x the optimizer time of the default foreach form on CPU)."""
-    return torch.optim.AdamW(model.student.parameters(), lr=cfg.lr, betas=cfg.betas,
-                             weight_decay=cfg.weight_decay, fused=True)
-
-
-def train_step(net, model: AsymDSD, optimizer, scaler, points, cfg: Config, sched: dict, gen, amp_dtype=None):
-    """One AsymDSD step on a batch of clouds (B, N, 3) already on the device. `net` is the model, or
-    its DDP / compiled wrapper; `sched` holds this step's lr, ema (floats), temp_cls, temp_patch
-    (floats, or 0-d tensors on the device as train() passes them, so torch.compile never recompiles).
-    Returns (loss, logs, grad_norm), detached, with no host sync."""
-    for group in optimizer.param_groups:
-        group["lr"] = sched["lr"]
-    # 1. views: crops, augmentation, normalisation, patches, masks (no gradients)
-    with torch.no_grad():
-        views = make_views(points, cfg, gen)
-    # 2-4. teacher pass, student passes, loss
-    with torch.autocast(points.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        loss, logs = net(views, sched["temp_cls"], sched["temp_patch"])
-    # 5. optimiser step (gradients unscaled before clipping, as Lightning does)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)
-    grad_norm = nn.utils.clip_grad_norm_(model.student.parameters(), cfg.grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    # 6. EMA teacher
-    model.update_teacher(sched["ema"])
-    return loss.detach(), logs, grad_norm.detach()
-
-
-def train(cfg: Config, resume: str | None = None) -> str:
-    """Pretrain AsymDSD; returns the path of the last checkpoint."""
+def train(cfg: Config, resume: dict | None = None) -> str:
+    """Pretrain AsymDSD, or continue the run whose checkpoint dict is `resume`; returns the path of
+    the last checkpoint."""
     rank, world, device = setup_distributed(cfg)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank; augmentation streams differ (gen)
     dataset = build_data(cfg)
@@ -1099,21 +1043,21 @@ def train(cfg: Config, resume: str | None = None) -> str:
     amp_dtype = autocast_dtype(cfg.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     # All augmentation/masking randomness comes from this generator: saved, so resume is exact.
-    # NOTE: official DataLoader workers copy one numpy stream each (SPEC 10.10); here every rank has its own.
+    # NOTE: (departure 2) official DataLoader workers copy one numpy stream each; here every rank has its own.
     gen = torch.Generator(device).manual_seed(cfg.seed * 7919 + rank)
     step = 0
     os.makedirs(cfg.out, exist_ok=True)
     ckpt_path = os.path.join(cfg.out, "last.pt")
     if resume:
-        ckpt = torch.load(resume, map_location=device, weights_only=False)
-        load_checked(model.student, ckpt["student"], f"{resume} (student)")
-        load_checked(model.teacher, ckpt["teacher"], f"{resume} (teacher)")
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        gen.set_state(ckpt["generator"][rank].cpu() if isinstance(ckpt["generator"], list) else ckpt["generator"].cpu())
-        step = ckpt["step"]
+        load_checked(model.student, resume["student"], "the checkpoint's student")
+        load_checked(model.teacher, resume["teacher"], "the checkpoint's teacher")
+        optimizer.load_state_dict(resume["optimizer"])
+        scaler.load_state_dict(resume["scaler"])
+        states = resume["generator"]
+        gen.set_state((states[rank] if isinstance(states, list) else states).cpu())
+        step = resume["step"]
         if rank == 0:
-            print(f"resumed from {resume} at step {step}")
+            print(f"resumed at step {step}")
     net = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -1264,14 +1208,15 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     cfg = build_config(args)
     resume = None
-    if args.resume:
-        resume = os.path.join(cfg.out, "last.pt") if args.resume == "auto" else args.resume
-        if not os.path.exists(resume):
-            raise SystemExit(f"--resume: no checkpoint at {resume}")
-        saved = torch.load(resume, map_location="cpu", weights_only=False)["config"]
+    if args.resume:  # the checkpoint is read once, here: its config, then its state in train()
+        path = os.path.join(cfg.out, "last.pt") if args.resume == "auto" else args.resume
+        if not os.path.exists(path):
+            raise SystemExit(f"--resume: no checkpoint at {path}")
+        resume = torch.load(path, map_location="cpu", weights_only=False)
+        print(f"resuming from {path}")
         keep = {k: getattr(cfg, k) for k in ("device", "num_workers", "out", "max_steps", "log_every", "compile",
                                               "data_root")}
-        cfg = dataclasses.replace(config_from_dict(saved), **keep)
+        cfg = dataclasses.replace(config_from_dict(resume["config"]), **keep)
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(dataclasses.asdict(cfg)))
     try:
@@ -1279,6 +1224,90 @@ def main(argv=None):
     except (FloatingPointError, FileNotFoundError, ValueError) as e:
         # Bad input and a diverged run end with the message alone, not a stack trace.
         raise SystemExit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
+
+
+# ----------------------------------------------------------------------------------------------
+# 12. Official checkpoints: the official state_dict layout -> these modules, one key map
+# ----------------------------------------------------------------------------------------------
+
+OFFICIAL_KEY_MAP = [
+    (r"point_encoder\.cls_token", "encoder.cls_token"),
+    (r"point_encoder\.patch_embedding\.point_embedding\.(block_[12]\.[013]\.weight)", r"encoder.tokenizer.\1"),
+    (r"point_encoder\.patch_embedding\.position_embedding\.position_embedding\.([02]\.(weight|bias))", r"encoder.pos_embed.mlp.\1"),
+    (r"point_encoder\.encoder\.stack\.(\d+)\.self_attn\.norm\.weight", r"encoder.encoder.blocks.\1.norm1.weight"),
+    (r"point_encoder\.encoder\.stack\.(\d+)\.self_attn\.attn\.in_proj_weight", r"encoder.encoder.blocks.\1.attn.qkv.weight"),
+    (r"point_encoder\.encoder\.stack\.(\d+)\.self_attn\.attn\.out_proj\.weight", r"encoder.encoder.blocks.\1.attn.proj.weight"),
+    (r"point_encoder\.encoder\.stack\.(\d+)\.ffn\.norm\.weight", r"encoder.encoder.blocks.\1.norm2.weight"),
+    (r"point_encoder\.encoder\.stack\.(\d+)\.ffn\.mlp\.linear_([12])\.weight", r"encoder.encoder.blocks.\1.mlp.fc\2.weight"),
+    (r"point_encoder\.encoder\.norm\.weight", "encoder.encoder.norm.weight"),
+    (r"(cls|patch)_projection_head\.mlp\.mlp\.0\.(weight|bias)", r"\1_head.mlp.0.\2"),
+    (r"(cls|patch)_projection_head\.mlp\.mlp\.4\.(weight|bias)", r"\1_head.mlp.2.\2"),
+    (r"(cls|patch)_projection_head\.mlp\.mlp\.8\.(weight|bias)", r"\1_head.mlp.4.\2"),
+    (r"(cls|patch)_projection_head\.linear\.bias", r"\1_head.bias"),
+    (r"(cls|patch)_projection_head\.linear\.parametrizations\.weight\.original0", r"\1_head.weight_g"),
+    (r"(cls|patch)_projection_head\.linear\.parametrizations\.weight\.original1", r"\1_head.weight_v"),
+    (r"(cls|patch)_centering\.center", r"\1_center.center"),
+    (r"predictor\.module\.stack\.(\d+)\.cross_attn\.norm\.weight", r"predictor.blocks.\1.norm1.weight"),
+    (r"predictor\.module\.stack\.(\d+)\.cross_attn\.attn\.in_proj_weight", r"predictor.blocks.\1.attn.qkv.weight"),
+    (r"predictor\.module\.stack\.(\d+)\.cross_attn\.attn\.out_proj\.weight", r"predictor.blocks.\1.attn.proj.weight"),
+    (r"predictor\.module\.stack\.(\d+)\.ffn\.norm\.weight", r"predictor.blocks.\1.norm2.weight"),
+    (r"predictor\.module\.stack\.(\d+)\.ffn\.mlp\.linear_([12])\.weight", r"predictor.blocks.\1.mlp.fc\2.weight"),
+    (r"predictor\.module\.norm\.weight", "predictor.norm.weight"),
+    (r"predictor\.embedding\.(weight|bias)", r"predictor.embed.\1"),
+    (r"predictor\.projection\.(weight|bias)", r"predictor.proj.\1"),
+]
+
+
+def convert_official_state_dict(official: dict) -> dict:
+    """Rename an official AsymDSD Lightning `state_dict` to this file's AsymDSD layout
+    (`student.*`, `teacher.*`). The student-only `mask_token` moves into the predictor.
+    Raises ValueError naming every key no rule covers."""
+    import re
+    out, unknown = {}, []
+    for key, value in official.items():
+        if key == "mask_token":
+            out["student.predictor.mask_token"] = value
+            continue
+        side, _, rest = key.partition(".")
+        for pattern, repl in OFFICIAL_KEY_MAP:
+            if side in ("student", "teacher") and re.fullmatch(pattern, rest):
+                out[f"{side}.{re.sub(pattern, repl, rest)}"] = value
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"{len(unknown)} keys are not in the official AsymDSD layout, e.g. {unknown[:5]}; "
+                         "is this an AsymDSD checkpoint (a Lightning .ckpt's 'state_dict')?")
+    return out
+
+
+def load_checked(module: nn.Module, state: dict, what: str):
+    """load_state_dict(strict) that refuses with one clear message listing missing, unexpected and
+    mis-shaped keys, so a checkpoint for another model size never half-loads."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{what} does not fit this model ({len(missing)} missing, {len(unexpected)} unexpected, "
+                         f"{len(shapes)} mis-shaped keys). Missing: {missing[:4]} Unexpected: {unexpected[:4]} "
+                         f"Shapes: {shapes[:4]}. Build the model with the checkpoint's sizes "
+                         "(embed_dim, depth, num_heads, tokenizer_dims, ...).")
+    module.load_state_dict(state)
+
+
+def load_official_encoder(encoder: PointEncoder, official: dict, which: str = "teacher") -> PointEncoder:
+    """Load `<which>.point_encoder.*` of an official checkpoint state_dict into a PointEncoder."""
+    converted = convert_official_state_dict({k: v for k, v in official.items()
+                                             if k.startswith(f"{which}.point_encoder.")})
+    prefix = f"{which}.encoder."
+    load_checked(encoder, {k[len(prefix):]: v for k, v in converted.items()}, f"the official {which} encoder")
+    return encoder
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@
   python bench.py all --json bench_cpu.json                         everything at CPU-friendly sizes
   GPU:  python bench.py step --presets paper --batch-sizes 128 --precision bf16 fp16 --compile off on
         (several precisions / compile settings run one after another in one invocation, for ratios)
-  On a CPU shared with other busy processes add --threads 1 (2 threads were 15-24x slower there).
+  On a CPU shared with other busy processes add --threads 1 (OpenMP regions with more threads stall
+  when one of their cores is taken).
 
 How to read the numbers:
   - Times are min / median over --repeats after --warmup steps; each step is timed alone, with
@@ -134,7 +135,8 @@ def predictor_macs(cfg: A.Config, Tc: int, Q: int) -> int:
 
 
 def step_flops(cfg: A.Config, B: int) -> dict:
-    """Model FLOPs of one cls_mask training step by part (SPEC 3-5), 2 FLOPs per multiply-add.
+    """Model FLOPs of one cls_mask training step by part (the passes of official AsymDSD.training_step,
+    asymdsd/models/asymdsd.py), 2 FLOPs per multiply-add.
     Trained student passes count x3 (forward + backward for inputs and weights), the teacher x1."""
     assert cfg.mode == "cls_mask", "the analytic count covers the AsymDSD (cls_mask) step"
     C, L, M, G, Gl, K, D = (cfg.num_global_crops, cfg.num_local_crops, cfg.num_masks, cfg.global_patches,
@@ -212,7 +214,7 @@ def bench_step_config(preset: str, B: int, device: str = "cpu", precision: str =
         torch.set_num_threads(threads)
     device = torch.device(device)
     if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32, as the official run (SPEC 6)
+        torch.set_float32_matmul_precision("high")  # TF32 (official train_ssrl.sh: CUDA_MATMUL_TF32=high)
     rss0 = rss_mb()
     cfg, model, step = setup_step(preset, B, device, precision, compile, source_points)
     warm = [time_once(step, device) for _ in range(warmup)]

@@ -1,15 +1,16 @@
 """Datasets for AsymDSD: every source the paper uses, read into one in-memory (or memory-mapped)
 float32 array of point clouds, so that `dataset[i]` is a cheap, deterministic index.
 
-Datasets, in the order of ../shared/SPEC.md (section in brackets):
+Datasets, each with the official builder it follows (in brackets, under asymdsd/data/datasets_/):
   shapenet             ShapeNetCore.v2.zip OBJ meshes, 16384 area-weighted samples, z-up,
-                       one split 'train' holding every model                            [1.1, 10.11]
-  shapenet55           Point-BERT's ShapeNet-55 (shapenet_pc/*.npy + train/test.txt), z-up  [9.1, 10.11]
-  scanobjectnn_objbg   ScanObjectNN h5, 2048 points, z-up                                 [7.2]
+                       one split 'train' holding every model           [ShapeNetCore_v2/shapenetcore_v2.py]
+  shapenet55           Point-BERT's ShapeNet-55 (shapenet_pc/*.npy + train/test.txt), z-up: the
+                       pretraining set of point2vec and Point-MAE  (no official builder; the paper uses ShapeNetCore)
+  scanobjectnn_objbg   ScanObjectNN h5, 2048 points, z-up                  [ScanObjectNN/scanobjectnn.py]
   scanobjectnn_objonly
   scanobjectnn_pbt50rs
-  modelnet40           ModelNet40.zip OFF meshes: 16384 samples, then exact FPS            [7.3, 7.5]
-  modelnet40_fewshot   Point-BERT ModelNetFewshot pickles, y<->z swapped                  [7.4]
+  modelnet40           ModelNet40.zip OFF meshes: 16384 samples, then exact FPS [ModelNet40/modelnet40.py]
+  modelnet40_fewshot   Point-BERT ModelNetFewshot pickles, y<->z swapped [ModelNetFewShot/modelnetfewshot.py]
   shapes               procedural primitives (sphere, box, ...) for smoke runs and tests   (ours)
 
 Usage (the pretraining and evaluation scripts do exactly this):
@@ -22,14 +23,10 @@ plus a `.json` with labels, written last through temp file + os.replace, so a ha
 is never read). Nothing is downloaded unless asked (`download=True`, CLI `--download`), and only
 ModelNet40 has a public URL; ShapeNet and ScanObjectNN need a licence / request form.
 
-Deliberate departures from the official code:
-  - Surface sampling and FPS are our own numpy code (official: trimesh, fpsample). FPS is exact,
-    so for a given start index it returns the same points as fpsample (SPEC 1.5).
-  - The random FPS start and the surface samples come from a generator seeded by (seed, file
-    name), so a cache is reproducible and independent of worker scheduling.
-  - Bad files raise an error naming the file; `skip_bad=True` skips them with a warning each and
-    a count at the end (the official builders fail deep inside trimesh/zarr).
-  - `seed_worker` gives each DataLoader worker its own random streams (SPEC 10.10).
+Departures from the official code: 2 and 3 (README, 'Deliberate departures'): our own numpy surface
+sampling and exact FPS, seeded by (seed, file name); bad files named; `seed_worker`. Exact FPS started
+from the same point returns the same points as fpsample.bucket_fps_kdline_sampling, which the official
+code calls (asymdsd/data/transforms.py: FarthestPointSampleArrays; asymdsd/data/patchify.py: PatchifyPC).
 """
 from __future__ import annotations
 
@@ -52,10 +49,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-PRE_SAMPLE_POINTS = 16384  # surface samples per mesh (SPEC 1.1 num_pre_sample_points, SPEC 7.3)
+PRE_SAMPLE_POINTS = 16384  # surface samples per mesh (official configs/data/*.yaml: num_pre_sample_points)
 MODELNET40_URL = "http://modelnet.cs.princeton.edu/ModelNet40.zip"
-Z_UP = [2, 0, 1]           # ShapeNet / ScanObjectNN are y-up: new (x, y, z) = old (z, x, y) (SPEC 1.1, 7.2)
-FEWSHOT_SWAP_YZ = [0, 2, 1]  # SPEC 7.4
+Z_UP = [2, 0, 1]           # ShapeNet / ScanObjectNN are y-up: new (x, y, z) = old (z, x, y)
+                           # (official ShapeNetCoreV2Builder and ScanObjectNNBuilder: process_instance)
+FEWSHOT_SWAP_YZ = [0, 2, 1]  # y <-> z (official ModelNetFewShotBuilder.process_instance)
 MODELNET40_CLASSES = (
     "airplane bathtub bed bench bookshelf bottle bowl car chair cone cup curtain desk door dresser "
     "flower_pot glass_box guitar keyboard lamp laptop mantel monitor night_stand person piano plant "
@@ -82,8 +80,8 @@ def farthest_point_sample(points: np.ndarray, k: int, start=0) -> np.ndarray:
 
     Returns indices (k,) or (B, k): the first is `start`, each next one is the point whose squared
     distance to the chosen set is largest (the first such point on ties). Coordinates are split
-    into contiguous x, y, z rows and updated in place: 28 ms for 16384 -> 1024 on one core, 13x
-    faster than the obvious `((pts - last) ** 2).sum(-1)`, with bit-identical results."""
+    into contiguous x, y, z rows and updated in place into reused buffers (no temporary (B, N, 3)
+    array per step); the distances equal `((pts - last) ** 2).sum(-1)` bit for bit."""
     pts = np.asarray(points)
     pts = pts if np.issubdtype(pts.dtype, np.floating) else pts.astype(np.float64)
     single = pts.ndim == 2
@@ -129,7 +127,8 @@ def sample_surface(vertices: np.ndarray, faces: np.ndarray, n: int, rng: np.rand
 
 def resample(points: np.ndarray, n: int | None, sampling: str, rng: np.random.Generator, path: str) -> np.ndarray:
     """Bring one cloud (N, 3) to n points: as is (n None or N), exact FPS from a random start
-    (SPEC 7.3) or a uniform subset without replacement (SPEC 7.2 'UNIFORM')."""
+    (official subsample_mode FPS, configs/data/ModelNet40-S.yaml) or a uniform subset without
+    replacement (subsample_mode UNIFORM, configs/data/ScanObjectNN-S.yaml)."""
     if n is None or n == len(points):
         return points
     if n > len(points):
@@ -211,8 +210,9 @@ def parse_off(text: str, path: str = "<off>") -> tuple[np.ndarray, np.ndarray]:
 def parse_obj(text: str, path: str = "<obj>") -> tuple[np.ndarray, np.ndarray]:
     """Wavefront OBJ -> vertices (V, 3), triangle faces (F, 3). Reads 'v' and 'f' lines only;
     face refs may be 'a', 'a/b', 'a//c', 'a/b/c', 1-based or negative (relative to the vertices
-    read so far). All groups/objects are concatenated, as trimesh does for a scene (SPEC 1.1).
-    One regex pass collects the lines; the numbers are converted in bulk (0.3 s per 100k faces)."""
+    read so far). All groups/objects are concatenated, as trimesh does for a scene (official
+    asymdsd/data/transforms.py: DecodeMesh). One regex pass collects the lines; the numbers are
+    converted in bulk."""
     vlines, flines, fbase = [], [], []                # fbase: vertices defined before each face
     for m in re.finditer(r"^([vf])[ \t]+([^\r\n]*)", text, re.M):
         if m.group(1) == "v":
@@ -486,7 +486,7 @@ def default_cache_dir(data_path: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. ModelNet40 (SPEC 7.3, 7.5) and its download
+# 5. ModelNet40 (official ModelNet40Builder, configs/data/ModelNet40-S.yaml) and its download
 # ----------------------------------------------------------------------------------------------
 
 def download(url: str, dest: str, timeout: float = 60.0, chunk: int = 1 << 20):
@@ -557,8 +557,9 @@ def build_modelnet40(root: str | None, split: str = "train", num_points: int | N
                      seed: int = 0, cache_dir: str | None = None, url: str | None = None,
                      workers: int | None = None) -> PointCloudDataset:
     """ModelNet40 from the official ModelNet40.zip (OFF meshes: 16384 area-weighted samples, then
-    exact FPS from a random start, SPEC 7.3), its extracted folder, or a folder of point files
-    in the same tree (.npy/.txt/.xyz). Up is z already; no axis change."""
+    exact FPS from a random start, official ModelNet40-S.yaml: subsample_mode FPS), its extracted
+    folder, or a folder of point files in the same tree (.npy/.txt/.xyz). Up is z already; no axis
+    change."""
     root, url = root or "data/ModelNet40", url or MODELNET40_URL
     src = _find_source(root, ["ModelNet40", "ModelNet40.zip"])
     if src is None and download_missing:
@@ -579,17 +580,17 @@ def build_modelnet40(root: str | None, split: str = "train", num_points: int | N
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. ShapeNet: ShapeNetCore v2 meshes (SPEC 1.1) and Point-BERT's ShapeNet-55 (SPEC 9.1, 10.11)
+# 6. ShapeNet: ShapeNetCore v2 meshes (official ShapeNetCoreV2Builder) and Point-BERT's ShapeNet-55
 # ----------------------------------------------------------------------------------------------
 
 def build_shapenet(root: str | None, split: str = "train", num_points: int | None = None,
                    skip_bad: bool = False, sampling: str = "fps", seed: int = 0,
                    cache_dir: str | None = None, workers: int | None = None) -> PointCloudDataset:
     """ShapeNetCore v2: every <synset>/<model>/models/model_normalized.obj, all faces of a file
-    as one mesh, 16384 area-weighted samples, z-up (SPEC 1.1). One split, 'train', holds every
-    model (SPEC 1.1); labels are synset ids (pretraining ignores them)."""
+    as one mesh, 16384 area-weighted samples, z-up (official ShapeNetCoreV2Builder). One split,
+    'train', holds every model (its SPLITS); labels are synset ids (pretraining ignores them)."""
     if split != "train":
-        raise ValueError("ShapeNetCore has a single split 'train' holding every model (SPEC 1.1)")
+        raise ValueError("ShapeNetCore has a single split 'train' holding every model")
     root = root or "data/ShapeNetCore.v2"
     src = _find_source(root, ["ShapeNetCore.v2", "ShapeNetCore.v2.zip"])
     if src is None:
@@ -638,7 +639,8 @@ def build_shapenet55(root: str | None, split: str = "train", num_points: int | N
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. Clouds stored in one file: ScanObjectNN h5 (SPEC 7.2) and few-shot pickles (SPEC 7.4)
+# 7. Clouds stored in one file: ScanObjectNN h5 (official ScanObjectNNBuilder) and few-shot pickles
+#    (official ModelNetFewShotBuilder)
 # ----------------------------------------------------------------------------------------------
 
 def _array_dataset(clouds: list, labels: list, where: list[str], keys: list[str], classes, name,
@@ -678,7 +680,7 @@ def _array_dataset(clouds: list, labels: list, where: list[str], keys: list[str]
                              [where[i] for i in good])
 
 
-SCANOBJECTNN_FILES = {  # name -> (folder, file suffix) inside h5_files/ (SPEC 7.2)
+SCANOBJECTNN_FILES = {  # name -> (folder, file suffix) inside h5_files/ (official ScanObjectNNBuilder)
     "scanobjectnn_objbg": ("main_split", "objectdataset.h5"),
     "scanobjectnn_objonly": ("main_split_nobg", "objectdataset.h5"),
     "scanobjectnn_pbt50rs": ("main_split", "objectdataset_augmentedrot_scale75.h5"),
@@ -688,7 +690,7 @@ SCANOBJECTNN_FILES = {  # name -> (folder, file suffix) inside h5_files/ (SPEC 7
 def build_scanobjectnn(variant: str, root: str | None, split: str = "train", num_points: int | None = None,
                        skip_bad: bool = False, sampling: str = "fps", seed: int = 0) -> PointCloudDataset:
     """ScanObjectNN from the h5_files folder (or a zip holding it): keys 'data' (n, 2048, 3) and
-    'label' (n,). 15 classes; axes permuted to z-up (SPEC 7.2). 2048 points as stored."""
+    'label' (n,). 15 classes; axes permuted to z-up (official ScanObjectNNBuilder). 2048 points as stored."""
     import h5py  # here, so that data.py imports without h5py for everything else
     folder, suffix = SCANOBJECTNN_FILES[variant]
     member = f"{folder}/{'training' if split == 'train' else 'test'}_{suffix}"
@@ -719,7 +721,8 @@ def build_fewshot(root: str | None, way: int, shot: int, fold: int, split: str =
                   seed: int = 0) -> PointCloudDataset:
     """Point-BERT ModelNetFewshot/<way>way<shot>shot/<fold>.pkl: a dict with 'train' and 'test'
     lists of (points (8192, 6) xyz+normal, label in 0..way-1, ModelNet40 class index) tuples.
-    xyz only, y and z swapped (SPEC 7.4). The pickle is trusted input (pickle runs code)."""
+    xyz only, y and z swapped (official ModelNetFewShotBuilder). The pickle is trusted input (pickle
+    runs code)."""
     root = root or "data/ModelNetFewshot"
     # Point-BERT's DATASET.md names the folders 5way10shot, its loader code 5way_10shot: take either
     cands = [os.path.join(root, f"{way}way{sep}{shot}shot", f"{fold}.pkl") for sep in ("", "_")]
@@ -857,7 +860,9 @@ def seed_worker(worker_id: int):
     """worker_init_fn for DataLoader. Each worker gets torch.initial_seed() = base_seed + worker_id
     (a new base_seed every epoch); seed python's and numpy's global streams from it, and re-create
     any `rng` Generator the dataset holds. Without the last step a Generator made in the parent
-    is copied into every worker and they all draw the same numbers (SPEC 10.10)."""
+    is copied into every worker and they all draw the same numbers, as happens to the numpy Generator
+    each official transform holds (official asymdsd/data/transforms.py: RandomizedTransform).
+    Departure 2 (README)."""
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)

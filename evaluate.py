@@ -1,16 +1,16 @@
-"""Evaluate AsymDSD encoders with the protocols of the paper (arXiv:2506.21724, SPEC section 7).
+"""Evaluate AsymDSD encoders with the protocols of the paper (arXiv:2506.21724), as the official configs run them.
 
 Works on a checkpoint of this project (`asymdsd.py` -> <out>/last.pt, teacher encoder by default),
 on the official released Lightning checkpoints (e.g. AsymDSD-S_ShapeNet.ckpt), on an encoder
 written by `export`, or on a randomly initialised encoder (`--random-init`, the baseline).
 
-Subcommands, in the order of this file:
-  svm       frozen features, linear SVM + kNN (k=5, cosine)      SPEC 7.5
-  finetune  full fine-tuning, MLP head: ScanObjectNN, ModelNet40 SPEC 7.1-7.3
-  fewshot   few-shot ModelNet40, {5,10}-way x {10,20}-shot       SPEC 7.4
-  export    the encoder alone: {"config": sizes, "state_dict"}   (for other projects)
-  plot      learning curves of a pretraining log.jsonl           (matplotlib)
-Part segmentation (SPEC 7.6) is not implemented.
+Subcommands, in the order of this file (right: the official source, under configs/):
+  svm       frozen features, linear SVM + kNN (k=5, cosine)      ssrl/ssrl_trainer.yaml: EmbeddingClassifierEval
+  finetune  full fine-tuning, MLP head: ScanObjectNN, ModelNet40 classification/variants/finetune_*.yaml
+  fewshot   few-shot ModelNet40, {5,10}-way x {10,20}-shot       classification/variants/fewshot.yaml
+  export    the encoder alone: {"config": sizes, "state_dict"}   (ours, for other projects)
+  plot      learning curves of a pretraining log.jsonl           (ours, matplotlib)
+Part segmentation (official configs/semseg/) is not implemented.
 
 Run:  python evaluate.py svm runs/asymdsd/last.pt --data modelnet40 --data-root data/ModelNet40
       python evaluate.py svm --random-init --preset tiny --data modelnet40 --data-root data/ModelNet40
@@ -18,11 +18,8 @@ Run:  python evaluate.py svm runs/asymdsd/last.pt --data modelnet40 --data-root 
       python evaluate.py fewshot runs/asymdsd/last.pt --data-root data/ModelNetFewshot --ways 5 --shots 10
 Every command prints a table and appends one JSON line to --results (default results.jsonl).
 
-Deliberate departures from the official evaluation code (each tagged `# NOTE:` at its line):
-  - Test clouds are patchified with the deterministic FPS start N//2 (official: a random start
-    every validation epoch, SPEC 7.1), so a reported accuracy is reproducible.
-  - The SVM/kNN training features use every training shape (official: the shuffled train loader
-    with drop_last, which drops up to one batch, SPEC 7.5).
+Departures from the official code: 1, 9, 11, 12 (README, 'Deliberate departures'); 11 and 12 are
+tagged `# NOTE:` at their lines.
 
 Dimension legend: B batch, N points, G patches, K points per patch, D width, T tokens (1 + G), F features.
 """
@@ -43,7 +40,8 @@ from tqdm import tqdm
 
 import asymdsd
 
-# Points per cloud and patches per cloud of each benchmark (SPEC 7.2-7.5), 32 points per patch.
+# Points per cloud and patches per cloud of each benchmark, 32 points per patch (official
+# configs/data/{ModelNet40,ModelNet40_fewshot,ScanObjectNN}-S.yaml: max_num_points, patchify).
 # These define the benchmark's input and apply to every encoder, whatever crop sizes it was
 # pretrained on (the official callbacks fix them per dataset); --num-points/--patches/--patch-size override.
 BENCHMARK_PATCH_SIZE = 32
@@ -56,28 +54,35 @@ BENCHMARKS = {
     "shapes": dict(points=1024, patches=64, protocol="modelnet40"),  # procedural, for smoke runs
 }
 
-# Fine-tuning recipes, epochs as in the paper (SPEC 7.1-7.4). `--epochs E` scales every epoch count
+# Fine-tuning recipes (official configs/classification/variants/ and their optim/ files; augmentation
+# from configs/data/*-S.yaml), epochs as in the paper. `--epochs E` scales every epoch count
 # by E / epochs, so a short run keeps the shape of the schedule.
 PROTOCOLS = {
-    # SPEC 7.2: full fine-tuning from epoch 0, one low lr for encoder and head alike (SPEC 10.17).
+    # finetune_from_pretrained.yaml, optim/classification_optim_finetune.yaml: full fine-tuning from
+    # epoch 0, one low lr for the encoder and the new head alike.
     "scanobjectnn": dict(epochs=150, frozen_epochs=0, warmup_epochs=10, lr=2e-5, warmup_start=0.0, final_lr=1e-7,
                          rotate=True, scale=(0.9, 1.1), soft_init_head=False, cls_feature=True),
-    # SPEC 7.3: 50 epochs head only (linear lr 5e-4 -> 5e-5), then 100 epochs of full fine-tuning.
+    # finetune_two_stage_from_pretrained.yaml (freeze_encoder 50, soft_init_head), its optim file:
+    # 50 epochs head only (linear lr 5e-4 -> 5e-5), then 100 epochs of full fine-tuning.
     "modelnet40": dict(epochs=150, frozen_epochs=50, frozen_lr=(5e-4, 5e-5), warmup_epochs=10, lr=2e-5,
                        warmup_start=0.0, final_lr=1e-7, rotate=False, scale=(0.6, 1.4), soft_init_head=True,
                        cls_feature=True),
-    # SPEC 7.4: full fine-tuning; features [mean, max] over all tokens, CLS included (map_cls_token false).
+    # fewshot.yaml, optim/classification_optim_fewshot.yaml: full fine-tuning; features [mean, max]
+    # over all tokens, CLS included (map_cls_token false).
     "fewshot": dict(epochs=150, frozen_epochs=0, warmup_epochs=10, lr=1e-3, warmup_start=1e-7, final_lr=1e-6,
                     rotate=False, scale=(0.6, 1.4), soft_init_head=False, cls_feature=False),
 }
-BATCH_SIZE, WEIGHT_DECAY, LABEL_SMOOTHING, DROP_PATH = 32, 0.05, 0.2, 0.2   # SPEC 7.1
+# official configs/data/*-S.yaml batch_size; optim files weight_decay; classification_model.yaml
+# label_smoothing and encoder.drop_path_p
+BATCH_SIZE, WEIGHT_DECAY, LABEL_SMOOTHING, DROP_PATH = 32, 0.05, 0.2, 0.2
 
 
 # ----------------------------------------------------------------------------------------------
 # 1. Encoders from checkpoints: this project's last.pt, official .ckpt, exported, random init
 # ----------------------------------------------------------------------------------------------
 
-# The official state dict does not store the number of heads; these are the released variants' (SPEC 2.6).
+# The official state dict does not store the number of heads; these are the released variants'
+# (official configs/ssrl/ssrl_model.yaml and variants/model/ssrl_model_{base,large}.yaml: num_heads).
 HEADS_BY_WIDTH = {384: 6, 768: 12, 1024: 16}
 
 
@@ -125,16 +130,16 @@ def encoder_from_checkpoint(ckpt: dict, which: str = "teacher", num_heads: int |
     kind = checkpoint_kind(ckpt)
     patching = dict(num_patches=None, patch_size=None)
     if kind == "project":
-        cfg = ckpt["config"]
-        sizes = dict(dim=cfg["embed_dim"], depth=cfg["depth"], num_heads=num_heads or cfg["num_heads"],
-                     mlp_ratio=cfg["mlp_ratio"], tokenizer_dims=tuple(cfg["tokenizer_dims"]),
-                     pos_hidden=cfg["pos_hidden"], cls_token=cfg.get("mode", "cls_mask") != "mask")
+        cfg = asymdsd.config_from_dict(ckpt["config"])
+        sizes = asymdsd.encoder_kwargs(cfg)
+        if num_heads:
+            sizes["num_heads"] = num_heads
         if which not in ckpt:
             raise ValueError(f"this checkpoint holds no {which} weights (an epoch snapshot keeps the teacher only)")
         state = {k[len("encoder."):]: v for k, v in ckpt[which].items() if k.startswith("encoder.")}
         encoder = asymdsd.PointEncoder(**sizes)
         asymdsd.load_checked(encoder, state, f"the {which} encoder of this checkpoint")
-        patching = dict(num_patches=cfg["global_patches"], patch_size=cfg["patch_size"], num_points=cfg["global_points"])
+        patching = dict(num_patches=cfg.global_patches, patch_size=cfg.patch_size, num_points=cfg.global_points)
     elif kind == "export":
         sizes = dict(ckpt["config"])
         encoder = asymdsd.PointEncoder(**sizes)
@@ -160,12 +165,12 @@ def load_encoder(path: str, which: str = "teacher", num_heads: int | None = None
 
 
 def random_encoder(preset: str = "paper", seed: int = 0):
-    """An untrained encoder with the pretraining initialisation (trunc-normal 0.02, SPEC 2.5): the baseline."""
+    """An untrained encoder of a preset, initialised as pretraining starts (trunc-normal 0.02; official
+    AsymDSD.init_weights in asymdsd/models/asymdsd.py): the baseline."""
     cfg = asymdsd.Config(**asymdsd.PRESETS[preset])
+    sizes = asymdsd.encoder_kwargs(cfg)
     torch.manual_seed(seed)
-    encoder = asymdsd.AsymDSD(cfg).teacher["encoder"].requires_grad_(True)   # a copy of the initial student
-    sizes = dict(dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
-                 tokenizer_dims=tuple(cfg.tokenizer_dims), pos_hidden=cfg.pos_hidden, cls_token=True)
+    encoder = asymdsd.PointEncoder(**sizes)
     return encoder.eval(), dict(kind="random", sizes=sizes, num_patches=cfg.global_patches, patch_size=cfg.patch_size,
                                 num_points=cfg.global_points)
 
@@ -178,15 +183,17 @@ def export_encoder(encoder: asymdsd.PointEncoder, info: dict, path: str):
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. Frozen features (SPEC 7.5): normalise, deterministic patches, teacher encoder, pooling
+# 2. Frozen features (official asymdsd/models/embedding_model.py): normalise, patches, encoder, pooling
 # ----------------------------------------------------------------------------------------------
 
 def eval_patches(points: torch.Tensor, num_patches: int, patch_size: int, start_idx: torch.Tensor | None = None):
     """Unit-sphere normalisation then FPS + kNN patches, FPS started at N//2 (the official
-    deterministic start, SPEC 1.5) unless `start_idx` (B,) is given.
+    deterministic start, asymdsd/data/patchify.py: PatchifyPC) unless `start_idx` (B,) is given.
     points (B, N, 3) -> centers (B, G, 3), patches (B, G, K, 3)"""
     B, N, _ = points.shape
-    if start_idx is None:  # NOTE: official validation starts FPS at random (SPEC 7.1); fixed = reproducible
+    # NOTE: (departure 11) official fine-tuning starts test FPS at random every epoch
+    # (deterministic_val_data false); a fixed start makes a reported accuracy reproducible.
+    if start_idx is None:
         start_idx = torch.full((B,), N // 2, dtype=torch.long, device=points.device)
     return asymdsd.patchify(asymdsd.normalize_unit_sphere(points), num_patches, patch_size, start_idx=start_idx)
 
@@ -194,7 +201,7 @@ def eval_patches(points: torch.Tensor, num_patches: int, patch_size: int, start_
 def pool_features(x: torch.Tensor, parts: tuple, has_cls: bool = True, cls_in_pools: bool = False) -> torch.Tensor:
     """Concatenate the requested parts of the encoder output (NeuralClassifier.forward):
     'cls' the CLS token, 'mean' / 'max' pooled over the patch tokens, or over all tokens when
-    `cls_in_pools` (map_cls_token false, SPEC 7.1).  x (B, T, D) -> (B, len(parts) * D)"""
+    `cls_in_pools` (map_cls_token false).  x (B, T, D) -> (B, len(parts) * D)"""
     if "cls" in parts and not has_cls:
         raise ValueError("this encoder has no CLS token (an MPM-only model); use parts without 'cls'")
     tokens = x if cls_in_pools or not has_cls else x[:, 1:]                    # (B, G or T, D)
@@ -205,7 +212,8 @@ def pool_features(x: torch.Tensor, parts: tuple, has_cls: bool = True, cls_in_po
 @torch.no_grad()
 def extract_features(encoder: asymdsd.PointEncoder, dataset, num_patches: int, patch_size: int,
                      batch_size: int = 64, device: str | torch.device = "cpu", desc: str = "features"):
-    """L2-normalised [CLS, mean of patch tokens] for every cloud, in dataset order (SPEC 7.5).
+    """L2-normalised [CLS, mean of patch tokens] for every cloud, in dataset order (official
+    EmbeddingModel: normalize_embeddings; ssrl_trainer.yaml: map_cls_token, map_avg_pooling).
     Encoders without a CLS token give the mean alone. -> features (S, F) float32, labels (S,) long"""
     device = torch.device(device)
     encoder = encoder.eval().to(device)
@@ -223,7 +231,7 @@ def extract_features(encoder: asymdsd.PointEncoder, dataset, num_patches: int, p
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. Linear SVM and kNN on frozen features (SPEC 7.5)
+# 3. Linear SVM and kNN on frozen features (official asymdsd/models/{linear_svm,knn}_classifier.py)
 # ----------------------------------------------------------------------------------------------
 
 def svm_accuracy(train_x, train_y, test_x, test_y, C: float = 1.0) -> float:
@@ -247,12 +255,12 @@ def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 5, chunk: int = 1024
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Fine-tuning (SPEC 7.1-7.3): drop path, MLP head, schedules, augmentation, training loop
+# 4. Fine-tuning (official asymdsd/models/neural_classifier.py): drop path, MLP head, schedules, loop
 # ----------------------------------------------------------------------------------------------
 
 def add_drop_path(encoder: asymdsd.PointEncoder, max_rate: float = DROP_PATH) -> asymdsd.PointEncoder:
-    """Set drop path rates rising linearly 0 -> max_rate over depth (uniform_drop_path false,
-    SPEC 7.1) on the blocks of a loaded encoder. In place; returns the encoder."""
+    """Set drop path rates rising linearly 0 -> max_rate over depth (official classification_model.yaml:
+    drop_path_p, uniform_drop_path false) on the blocks of a loaded encoder. In place; returns the encoder."""
     blocks = encoder.encoder.blocks
     for blk, rate in zip(blocks, torch.linspace(0, max_rate, len(blocks)).tolist()):
         blk.drop_path = rate
@@ -260,7 +268,8 @@ def add_drop_path(encoder: asymdsd.PointEncoder, max_rate: float = DROP_PATH) ->
 
 
 def mlp_head(in_dim: int, num_classes: int, hidden: int = 256, dropout: float = 0.5) -> nn.Sequential:
-    """Linear -> BN -> GELU -> Dropout, twice, then Linear; all three Linears bias-free (SPEC 7.1)."""
+    """Linear -> BN -> GELU -> Dropout, twice, then Linear; all three Linears bias-free (official
+    classification_model.yaml: mlp_head_config)."""
     return nn.Sequential(
         nn.Linear(in_dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.GELU(), nn.Dropout(dropout),
         nn.Linear(hidden, hidden, bias=False), nn.BatchNorm1d(hidden), nn.GELU(), nn.Dropout(dropout),
@@ -269,8 +278,8 @@ def mlp_head(in_dim: int, num_classes: int, hidden: int = 256, dropout: float = 
 
 class Classifier(nn.Module):
     """Encoder (with drop path) -> pooled feature -> MLP head.
-    cls_feature=True: [CLS, mean, max] of the patch tokens (3 x D, SPEC 7.1-7.3);
-    False: [mean, max] over all tokens, CLS included (few-shot, SPEC 7.4)."""
+    cls_feature=True: [CLS, mean, max] of the patch tokens (3 x D, official NeuralClassifier.forward);
+    False: [mean, max] over all tokens, CLS included (few-shot, variants/fewshot.yaml: map_cls_token false)."""
 
     def __init__(self, encoder: asymdsd.PointEncoder, num_classes: int, cls_feature: bool = True,
                  drop_path_rate: float = DROP_PATH, soft_init_head: bool = False):
@@ -295,7 +304,8 @@ class Classifier(nn.Module):
 def lr_schedule(protocol: dict, epochs: int, steps_per_epoch: int):
     """Per-step learning rates of a protocol run for `epochs` epochs, and the number of frozen epochs.
     Frozen stage: linear frozen_lr[0] -> frozen_lr[1]; then warm-up warmup_start -> lr and cosine to
-    final_lr (SequentialSchedule of SPEC 7.3; the single cosine of 7.2 and 7.4 has no frozen stage)."""
+    final_lr (official optim/classification_optim_finetune_two_stage.yaml: SequentialSchedule; the
+    finetune and fewshot optim files are the cosine alone, with no frozen stage)."""
     f = epochs / protocol["epochs"]
     frozen = round(protocol["frozen_epochs"] * f)
     warmup = min(round(protocol["warmup_epochs"] * f), epochs - frozen)
@@ -307,7 +317,8 @@ def lr_schedule(protocol: dict, epochs: int, steps_per_epoch: int):
 
 def augment(points: torch.Tensor, rotate: bool, scale: tuple, generator: torch.Generator) -> torch.Tensor:
     """Training augmentation before normalisation: optional z-rotation U(0, 2pi) and anisotropic
-    scale U(scale)^3 per cloud (SPEC 7.2-7.4).  (B, N, 3) -> (B, N, 3)"""
+    scale U(scale)^3 per cloud (official configs/data/*-S.yaml: augmentation_transform).
+    (B, N, 3) -> (B, N, 3)"""
     if rotate:
         return asymdsd.augment_crops(points, scale, generator)      # z-rotation + anisotropic scale
     s = torch.empty(points.shape[0], 1, 3, device=points.device).uniform_(*scale, generator=generator)
@@ -317,7 +328,7 @@ def augment(points: torch.Tensor, rotate: bool, scale: tuple, generator: torch.G
 @torch.no_grad()
 def evaluate_accuracy(model: Classifier, dataset, num_patches: int, patch_size: int, batch_size: int = 64,
                   device: str | torch.device = "cpu") -> float:
-    """Top-1 accuracy without augmentation or voting (SPEC 7.1)."""
+    """Top-1 accuracy without augmentation or voting (official classification_model.yaml: voting empty)."""
     device = torch.device(device)
     model.eval()
     amp = asymdsd.autocast_dtype("auto", device)
@@ -354,7 +365,7 @@ def finetune(model: Classifier, train_set, test_set, protocol: dict, epochs: int
         frozen = epoch < frozen_epochs
         model.train()
         model.encoder.requires_grad_(not frozen)
-        if frozen:   # Lightning's freeze(): eval mode too, so no drop path in stage 1 (SPEC 7.3)
+        if frozen:   # Lightning's freeze() (official NeuralClassifier.on_train_epoch_start): eval mode, no drop path
             model.encoder.eval()
         losses = []
         for points, labels in tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True):
@@ -380,7 +391,8 @@ def finetune(model: Classifier, train_set, test_set, protocol: dict, epochs: int
 
 
 def summarize(history: list[dict]) -> dict:
-    """Both scores, since the official code does not say which it reports (SPEC 7.1, 10.15)."""
+    """Both scores: the official evaluation variants keep no checkpoint (callbacks: null) and log the
+    last and the max top1_acc (NeuralClassifier, summary "last,max"), so which is reported is open."""
     best = max(history, key=lambda h: h["test_acc"])
     return dict(last_acc=history[-1]["test_acc"], best_acc=best["test_acc"], best_epoch=best["epoch"])
 
@@ -408,10 +420,10 @@ def build_encoder(args):
 
 
 def patch_settings(args, benchmark: str) -> tuple[int, int, int]:
-    """(points, patches, patch size): the flags, else the benchmark's protocol (SPEC 7.5: ModelNet40
-    1024 points, 64 patches x 32; ScanObjectNN 2048, 128 x 32), for every encoder. The tiny preset is
-    pretrained on 512-point crops in 32 x 16 patches; `--num-points 512 --patches 32 --patch-size 16`
-    evaluates it at that density instead."""
+    """(points, patches, patch size): the flags, else the benchmark's protocol (official kNN/SVM callbacks
+    of ssrl_trainer.yaml: ModelNet40 1024 points, 64 patches x 32; ScanObjectNN 2048, 128 x 32), for
+    every encoder. The tiny preset is pretrained on 512-point crops in 32 x 16 patches;
+    `--num-points 512 --patches 32 --patch-size 16` evaluates it at that density instead."""
     bench = BENCHMARKS[benchmark]
     return args.num_points or bench["points"], args.patches or bench["patches"], args.patch_size or BENCHMARK_PATCH_SIZE
 
@@ -442,7 +454,8 @@ def cmd_svm(args):
     t0 = time.perf_counter()
     train, test = load_split(args, "train", points), load_split(args, "test", points)
     t_data = time.perf_counter()
-    # NOTE: every training shape (official: shuffled train loader with drop_last, SPEC 7.5)
+    # NOTE: (departure 12) official fits on the shuffled train loader with drop_last (up to one batch
+    # fewer); every training shape here, so the fit does not depend on the shuffle.
     fit = [extract_features(encoder, ds, patches, k, args.batch_size, args.device, f"features {split}")
            for ds, split in ((train, "train"), (test, "test"))]
     t_feat = time.perf_counter()
@@ -570,7 +583,7 @@ def cmd_plot(args):
 def cmd_table(args):
     """A results file as a markdown table: one row per tag (the part before '/seed') and benchmark
     input (points, patches x patch size), with the SVM / kNN accuracy of every seed and their mean,
-    so runs from several sessions add up and results of different inputs never mix. The latest
+    so runs made at different times add up and results of different inputs never mix. The latest
     record of a (row, input, seed) counts. The last column is the mean SVM difference to the
     --reference row over the seeds both have (paired by seed: seeds share the data order and
     initialisation, so this removes the part of the spread that all rows share)."""
@@ -602,7 +615,7 @@ def cmd_table(args):
 def main(argv=None):
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("checkpoint", nargs="?", help="asymdsd.py last.pt, an official .ckpt, or an export")
-    common.add_argument("--student", action="store_true", help="evaluate the student encoder (default: the teacher, SPEC 7)")
+    common.add_argument("--student", action="store_true", help="evaluate the student encoder (default: the teacher)")
     common.add_argument("--random-init", action="store_true", help="untrained encoder of --preset (the baseline)")
     common.add_argument("--preset", default="paper", choices=sorted(asymdsd.PRESETS),
                         help="asymdsd.py preset for --random-init (default: %(default)s)")
@@ -619,19 +632,19 @@ def main(argv=None):
     data_flags.add_argument("--cache-dir", help="where data.py caches sampled clouds (default: next to the data)")
     data_flags.add_argument("--num-points", type=int, help="points per cloud (default 1024 ModelNet40, 2048 ScanObjectNN)")
     data_flags.add_argument("--patches", type=int, help="patches per cloud (default: the benchmark's, 64 ModelNet40, 128 ScanObjectNN)")
-    data_flags.add_argument("--patch-size", type=int, help="points per patch (default: 32, SPEC 7.5)")
+    data_flags.add_argument("--patch-size", type=int, help="points per patch (default: 32)")
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     fmt = dict(parents=[common, data_flags])
     CLASSIFICATION = [name for name in BENCHMARKS if name != "modelnet40_fewshot"]   # fewshot has its own command
-    s = sub.add_parser("svm", help="linear SVM + kNN on frozen features (SPEC 7.5)", **fmt)
+    s = sub.add_parser("svm", help="linear SVM + kNN on frozen features", **fmt)
     s.add_argument("--data", default="modelnet40", choices=CLASSIFICATION, help="(default: %(default)s)")
     s.add_argument("--batch-size", type=int, default=64, help="feature extraction batch (default: %(default)s)")
     s.add_argument("--C", type=float, default=1.0, help="LinearSVC C (official: sklearn's default, 1.0)")
     s.add_argument("--k", type=int, default=5, help="kNN neighbours (default: %(default)s)")
     s.set_defaults(func=cmd_svm)
-    s = sub.add_parser("finetune", help="fine-tuning classification (SPEC 7.1-7.3)", **fmt)
+    s = sub.add_parser("finetune", help="fine-tuning classification", **fmt)
     s.add_argument("--data", default="scanobjectnn_pbt50rs", choices=CLASSIFICATION, help="(default: %(default)s)")
     s.add_argument("--protocol", choices=sorted(PROTOCOLS), help="default: the dataset's (ModelNet40 two-stage, ...)")
     s.add_argument("--epochs", type=int, help="default 150; schedule epochs (warm-up, frozen) scale with it")
@@ -640,7 +653,7 @@ def main(argv=None):
     s.add_argument("--drop-path", type=float, default=DROP_PATH, help="last block's drop path rate, rising "
                                                                     "linearly from 0 (default: %(default)s)")
     s.set_defaults(func=cmd_finetune)
-    s = sub.add_parser("fewshot", help="few-shot ModelNet40 (SPEC 7.4)", **fmt)
+    s = sub.add_parser("fewshot", help="few-shot ModelNet40", **fmt)
     s.add_argument("--ways", type=int, nargs="+", default=[5, 10], help="(default: 5 10)")
     s.add_argument("--shots", type=int, nargs="+", default=[10, 20], help="(default: 10 20)")
     s.add_argument("--folds", type=int, nargs="+", default=list(range(10)), help="(default: 0 .. 9)")

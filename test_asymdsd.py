@@ -265,12 +265,19 @@ def test_inverse_block_masks_exact_count_and_independent():
     assert spread(torch.arange(24), visible) < 0.9 * spread(torch.arange(24), rand_idx)
 
 
-def test_query_attention_mask_drawing():
-    m = A.query_attention_mask(2, 3)
+def test_masked_query_attention_keys_and_mask():
+    context, queries = torch.randn(1, 2, 4), torch.randn(1, 3, 4)
+    keys, m = A.masked_query_attention(queries, context, "masked_self")
+    assert torch.equal(keys, torch.cat([context, queries], 1))
     assert m.tolist() == [[True, True, True, False, False],
                           [True, True, False, True, False],
                           [True, True, False, False, True]]
-    assert A.query_attention_mask(2, 3, queries_see_each_other=True).all()
+    keys, m = A.masked_query_attention(queries, context, "cross")
+    assert keys is context and m is None, "cross-attention: the queries see the context only"
+    keys, m = A.masked_query_attention(queries, context, "full_self")
+    assert keys.shape == (1, 5, 4) and m is None, "the leaky form: every query sees every query"
+    with pytest.raises(ValueError, match="cross, masked_self or full_self"):
+        A.masked_query_attention(queries, context, "self")
 
 
 @pytest.mark.parametrize("form", ["cross", "masked_self"])
