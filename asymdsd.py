@@ -22,7 +22,7 @@ Run:   python asymdsd.py --data modelnet40 --data-root data/ModelNet40      (Asy
        python asymdsd.py --data shapes --preset tiny --epochs 2              (CPU, no download)
        torchrun --nproc_per_node 4 asymdsd.py --data shapenet ...            (several GPUs)
 
-Deliberate departures from the official code: README "Departures", items 1-10; each is tagged
+Deliberate departures from the official code: README, 'Deliberate departures', items 1-10; each is tagged
 `# NOTE: (departure N)` at its line.
 
 Dimension legend used in every shape comment:
@@ -306,7 +306,7 @@ class Linear(nn.Linear):
 
 
 class RMSNorm(nn.Module):
-    """x * rsqrt(mean(x^2) + eps) * w, no bias (asymdsd/layers/normalization.py)."""
+    """x * rsqrt(mean(x^2) + eps) * w, no bias (official asymdsd/layers/normalization.py)."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -340,7 +340,8 @@ class PatchTokenizer(nn.Module):
 
 
 class PositionEmbedding(nn.Module):
-    """Linear(3->h) -> GELU -> Linear(h->D), with biases, of the patch centre (PositionEmbedding)."""
+    """Linear(3->h) -> GELU -> Linear(h->D), with biases, of the patch centre (official
+    PositionEmbedding with normalize: false)."""
 
     def __init__(self, dim: int, hidden: int = 128):
         super().__init__()
