@@ -1227,10 +1227,6 @@ def main(argv=None):
         raise SystemExit(f"error: {e}")
 
 
-if __name__ == "__main__":
-    main()
-
-
 # ----------------------------------------------------------------------------------------------
 # 12. Official checkpoints: the official state_dict layout -> these modules, one key map
 # ----------------------------------------------------------------------------------------------
