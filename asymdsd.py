@@ -58,6 +58,19 @@ from einops import rearrange
 # torch version is decided here; the rest of the project, tests included, uses these names.
 # ----------------------------------------------------------------------------------------------
 
+def trunc_normal_(tensor, std: float, a: float = -2.0, b: float = 2.0):
+    """nn.init.trunc_normal_(tensor, std=std) as torch 2.13 draws it for these bounds: normal(0, std),
+    values outside [a, b] drawn again. Torch 2.3.1 draws uniform + erfinv + clamp instead, so the same
+    seed would give other weights on each; written out, every version draws the same ones."""
+    with torch.no_grad():
+        tensor.normal_(0.0, std)
+        while True:
+            outside = (tensor < a) | (tensor > b)
+            if not outside.any():
+                return tensor
+            tensor[outside] = torch.empty_like(tensor).normal_(0.0, std)[outside]
+
+
 def rms_norm(x, weight, eps: float):
     """x * rsqrt(mean(x^2) + eps) * w over the last dim, computed in fp32 and returned in x's dtype
     (as F.rms_norm under autocast). Written out because F.rms_norm only exists from torch 2.4; on CPU,
@@ -355,7 +368,7 @@ class Linear(nn.Linear):
     """nn.Linear initialised as the official `AsymDSD.init_weights`: weight ~ trunc-normal(0.02), bias 0."""
 
     def reset_parameters(self):
-        nn.init.trunc_normal_(self.weight, std=INIT_STD)
+        trunc_normal_(self.weight, std=INIT_STD)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
@@ -506,7 +519,7 @@ class PointEncoder(nn.Module):
         self.tokenizer = PatchTokenizer(dim, tokenizer_dims)
         self.pos_embed = PositionEmbedding(dim, pos_hidden)
         # One CLS token with a zero positional encoding (SPEC 2.3); absent in the `mask` mode.
-        self.cls_token = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, 1, dim), std=INIT_STD)) if cls_token else None
+        self.cls_token = nn.Parameter(trunc_normal_(torch.empty(1, 1, dim), std=INIT_STD)) if cls_token else None
         self.encoder = TransformerEncoder(dim, depth, num_heads, mlp_ratio, drop_path)
 
     def embed(self, patches, centers):
@@ -607,7 +620,7 @@ class Predictor(nn.Module):
         self.attention = attention
         # NOTE: official keeps `mask_token` at the top of the model; it belongs to the predictor here
         # (convert_official_state_dict moves it).
-        self.mask_token = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, 1, dim), std=INIT_STD))  # one for every query
+        self.mask_token = nn.Parameter(trunc_normal_(torch.empty(1, 1, dim), std=INIT_STD))  # one for every query
         self.embed = Linear(dim, pred_dim)                   # shared by queries, positions and context
         self.blocks = nn.ModuleList(Block(pred_dim, num_heads, mlp_ratio) for _ in range(depth))
         self.norm = RMSNorm(pred_dim)

@@ -285,7 +285,7 @@ class Classifier(nn.Module):
         if soft_init_head:   # trunc-normal 0.02 (soft_init_head, ModelNet40); otherwise PyTorch's default
             for m in self.head.modules():
                 if isinstance(m, nn.Linear):
-                    nn.init.trunc_normal_(m.weight, std=0.02)
+                    asymdsd.trunc_normal_(m.weight, std=0.02)
 
     def forward(self, patches, centers):                     # (B, G, K, 3), (B, G, 3) -> logits (B, classes)
         x = self.encoder(patches, centers)                   # (B, T, D)
