@@ -808,7 +808,8 @@ class AsymDSD(nn.Module):
             crop = torch.arange(B * C, device=centers.device).repeat_interleave(M)[:, None]  # (BCM, 1)
             x = enc.encode(tokens[crop, visible], pos[crop, visible])      # (BCM, [1+]V, D) encoder sees visible only
             pred = s["predictor"](x, pos[crop, masked])                    # (BCM, Q, D)
-            out.update(mask=mask, masked=masked, pred=pred, patch_logits=s["patch_head"](pred))
+            # a dict, not keywords: torch 2.3's dynamo breaks the graph at dict.update(**kwargs)
+            out.update({"mask": mask, "masked": masked, "pred": pred, "patch_logits": s["patch_head"](pred)})
             if self.use_cls:
                 cls_parts.append(("masked", x[:, 0]))                      # (BCM, D) CLS of masked views
         if self.use_cls:
