@@ -400,6 +400,7 @@ def build_encoder(args):
         return encoder, info, f"random-init:{args.preset}"
     if not args.checkpoint:
         raise SystemExit("give a checkpoint path, or --random-init for the untrained baseline")
+    torch.manual_seed(args.seed)   # the classification head built next draws from it, as after random_encoder
     try:
         encoder, info = load_encoder(args.checkpoint, "student" if args.student else "teacher", args.num_heads)
     except ValueError as e:
