@@ -80,6 +80,20 @@ def rms_norm(x, weight, eps: float):
     return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).type_as(x)
 
 
+class Dropout(nn.Module):
+    """nn.Dropout(p) with its mask drawn by torch.rand: on CPU, bernoulli_(p) (under nn.Dropout) draws
+    other masks from the same seed on torch 2.3.1 and 2.13; torch.rand draws the same numbers on both."""
+
+    def __init__(self, p: float = 0.5):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            return x
+        return x * (torch.rand_like(x) >= self.p) / (1 - self.p)   # keep with probability 1 - p, rescale
+
+
 def fused_adamw_ok(device) -> bool:
     """Whether AdamW(fused=True) takes parameters on `device`: CUDA on every tested version, CPU
     from torch 2.4 on. Asks the constructor, which refuses an unsupported device."""

@@ -262,8 +262,8 @@ def add_drop_path(encoder: asymdsd.PointEncoder, max_rate: float = DROP_PATH) ->
 def mlp_head(in_dim: int, num_classes: int, hidden: int = 256, dropout: float = 0.5) -> nn.Sequential:
     """Linear -> BN -> GELU -> Dropout, twice, then Linear; all three Linears bias-free (SPEC 7.1)."""
     return nn.Sequential(
-        nn.Linear(in_dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.GELU(), nn.Dropout(dropout),
-        nn.Linear(hidden, hidden, bias=False), nn.BatchNorm1d(hidden), nn.GELU(), nn.Dropout(dropout),
+        nn.Linear(in_dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.GELU(), asymdsd.Dropout(dropout),
+        nn.Linear(hidden, hidden, bias=False), nn.BatchNorm1d(hidden), nn.GELU(), asymdsd.Dropout(dropout),
         nn.Linear(hidden, num_classes, bias=False))
 
 
