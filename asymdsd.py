@@ -50,6 +50,58 @@ from einops import rearrange
 
 
 # ----------------------------------------------------------------------------------------------
+# Differences between torch versions (tested: 2.3.1, the official code's, and 2.13.0). Everything
+# that depends on the torch version is decided here; the rest of the project uses these names.
+# ----------------------------------------------------------------------------------------------
+
+def trunc_normal_(tensor, std: float, a: float = -2.0, b: float = 2.0):
+    """nn.init.trunc_normal_(tensor, std=std) as torch 2.13 draws it: normal(0, std), values outside
+    [a, b] drawn again. Torch 2.3.1 draws uniform + erfinv + clamp instead, so the same seed gave other
+    weights on each; written out, every version draws the same ones."""
+    with torch.no_grad():
+        tensor.normal_(0.0, std)
+        while True:
+            outside = (tensor < a) | (tensor > b)
+            if not outside.any():
+                return tensor
+            tensor[outside] = torch.empty_like(tensor).normal_(0.0, std)[outside]
+
+
+def rms_norm(x, weight, eps: float):
+    """x * rsqrt(mean(x^2) + eps) * w over the last dim (official asymdsd/layers/normalization.py).
+    F.rms_norm (torch >= 2.4; one fused kernel on recent GPUs) where it exists; before 2.4 the same
+    formula written out, in fp32 and returned in x's dtype, which is what F.rms_norm computes on CPU."""
+    if hasattr(F, "rms_norm"):
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    h = x.float()
+    return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).type_as(x)
+
+
+class Dropout(nn.Module):
+    """nn.Dropout(p) with its mask drawn by torch.rand: on CPU, nn.Dropout's bernoulli_(p) draws other
+    masks from the same seed on torch 2.3.1 and 2.13; torch.rand draws the same numbers on both."""
+
+    def __init__(self, p: float = 0.5):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            return x
+        return x * (torch.rand_like(x) >= self.p) / (1 - self.p)   # keep with probability 1 - p, rescale
+
+
+def fused_adamw_ok(device) -> bool:
+    """Whether AdamW(fused=True) takes parameters on `device`: CUDA on every tested version, CPU from
+    torch 2.4 on. Asks the constructor, which refuses an unsupported device."""
+    try:
+        torch.optim.AdamW([torch.zeros(1, device=device, requires_grad=True)], fused=True)
+    except RuntimeError:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
 # Config: the single source of truth. Defaults are AsymDSD-S as the official code runs it.
 # ----------------------------------------------------------------------------------------------
 
@@ -300,7 +352,7 @@ class Linear(nn.Linear):
     """nn.Linear initialised as the official `AsymDSD.init_weights`: weight ~ trunc-normal(0.02), bias 0."""
 
     def reset_parameters(self):
-        nn.init.trunc_normal_(self.weight, std=INIT_STD)
+        trunc_normal_(self.weight, std=INIT_STD)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
@@ -314,7 +366,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class PatchTokenizer(nn.Module):
@@ -516,7 +568,7 @@ class PointEncoder(nn.Module):
         self.tokenizer = PatchTokenizer(dim, tokenizer_dims)
         self.pos_embed = PositionEmbedding(dim, pos_hidden)
         # One CLS token with a zero positional encoding; absent in the `mask` mode.
-        self.cls_token = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, 1, dim), std=INIT_STD)) if cls_token else None
+        self.cls_token = nn.Parameter(trunc_normal_(torch.empty(1, 1, dim), std=INIT_STD)) if cls_token else None
         self.encoder = TransformerEncoder(dim, depth, num_heads, mlp_ratio, drop_path)
 
     def embed(self, patches, centers):
@@ -584,7 +636,7 @@ class Predictor(nn.Module):
             raise ValueError(f"predictor attention must be cross, masked_self or full_self, not {attention!r}")
         self.attention = attention
         # NOTE: (departure 6) official keeps `mask_token` at the top of the model; it is the predictor's here.
-        self.mask_token = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, 1, dim), std=INIT_STD))  # every query's
+        self.mask_token = nn.Parameter(trunc_normal_(torch.empty(1, 1, dim), std=INIT_STD))  # every query's
         self.embed = Linear(dim, pred_dim)                   # shared by queries, positions and context
         self.blocks = nn.ModuleList(Block(pred_dim, num_heads, mlp_ratio) for _ in range(depth))
         self.norm = RMSNorm(pred_dim)
@@ -888,9 +940,10 @@ def make_schedules(cfg: Config, steps_per_epoch: int) -> dict:
 
 def build_optimizer(model: AsymDSD, cfg: Config) -> torch.optim.AdamW:
     """AdamW over the student: one group, weight decay on everything (official ssrl_optim.yaml).
-    fused=True: one kernel for the whole update."""
+    Fused (one kernel for the whole update) where the torch version and device allow it."""
+    device = next(model.student.parameters()).device
     return torch.optim.AdamW(model.student.parameters(), lr=cfg.lr, betas=cfg.betas,
-                             weight_decay=cfg.weight_decay, fused=True)
+                             weight_decay=cfg.weight_decay, fused=fused_adamw_ok(device))
 
 
 def autocast_dtype(precision: str, device: torch.device):

@@ -271,8 +271,8 @@ def mlp_head(in_dim: int, num_classes: int, hidden: int = 256, dropout: float = 
     """Linear -> BN -> GELU -> Dropout, twice, then Linear; all three Linears bias-free (official
     classification_model.yaml: mlp_head_config)."""
     return nn.Sequential(
-        nn.Linear(in_dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.GELU(), nn.Dropout(dropout),
-        nn.Linear(hidden, hidden, bias=False), nn.BatchNorm1d(hidden), nn.GELU(), nn.Dropout(dropout),
+        nn.Linear(in_dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.GELU(), asymdsd.Dropout(dropout),
+        nn.Linear(hidden, hidden, bias=False), nn.BatchNorm1d(hidden), nn.GELU(), asymdsd.Dropout(dropout),
         nn.Linear(hidden, num_classes, bias=False))
 
 
@@ -294,7 +294,7 @@ class Classifier(nn.Module):
         if soft_init_head:   # trunc-normal 0.02 (soft_init_head, ModelNet40); otherwise PyTorch's default
             for m in self.head.modules():
                 if isinstance(m, nn.Linear):
-                    nn.init.trunc_normal_(m.weight, std=0.02)
+                    asymdsd.trunc_normal_(m.weight, std=0.02)
 
     def forward(self, patches, centers):                     # (B, G, K, 3), (B, G, 3) -> logits (B, classes)
         x = self.encoder(patches, centers)                   # (B, T, D)
@@ -412,6 +412,7 @@ def build_encoder(args):
         return encoder, info, f"random-init:{args.preset}"
     if not args.checkpoint:
         raise SystemExit("give a checkpoint path, or --random-init for the untrained baseline")
+    torch.manual_seed(args.seed)   # the classification head built next draws from it, as after random_encoder
     try:
         encoder, info = load_encoder(args.checkpoint, "student" if args.student else "teacher", args.num_heads)
     except ValueError as e:
