@@ -868,6 +868,66 @@ def test_point_files_npy_txt_xyz():
         data.read_points(b"1 2 nan\n", "b.xyz")
 
 
+# An L-shaped hexagon in the plane z = 0, listed so that a fan around its first vertex (2, 1) covers
+# the notch (1, 2] x (1, 2]; the (0, 1) vertex lies on the edge between its neighbours.
+L_SHAPE = [(2, 1), (1, 1), (1, 2), (0, 2), (0, 1), (0, 0), (2, 0)]
+
+
+def l_shape_in_3d(reverse=False):
+    """The L in a tilted plane: (7, 3) vertices and the rotation that maps them back to z = 0."""
+    rot = data.random_rotation(np.random.default_rng(3))
+    flat = np.array([(x, y, 0.0) for x, y in (L_SHAPE[::-1] if reverse else L_SHAPE)])
+    return flat @ rot.T + [5.0, -2.0, 1.0], rot
+
+
+def triangle_area(v, f):
+    return 0.5 * np.linalg.norm(np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]]), axis=1).sum()
+
+
+@pytest.mark.parametrize("fmt", ["off", "obj"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_non_convex_polygons_are_ear_clipped_in_their_plane(fmt, reverse):
+    v, rot = l_shape_in_3d(reverse)
+    rows = "".join(" ".join(f"{c:.17g}" for c in p) + "\n" for p in v)
+    if fmt == "off":   # with a convex quad (a cube side) and a triangle beside the L
+        text = f"OFF\n{len(v) + 4} 3 0\n{rows}" + "9 9 9\n9 10 9\n10 10 9\n10 9 9\n"
+        text += "7 " + " ".join(map(str, range(7))) + "\n4 7 8 9 10\n3 7 8 9\n"
+        v3, f = data.parse_off(text, "l.off")
+    else:
+        v3, f = data.parse_obj("".join("v " + ln for ln in rows.splitlines(True)) + "f 1 2 3 4 5 6 7\n", "l.obj")
+    lmask = np.all(f < 7, axis=1)
+    assert triangle_area(v3, f[lmask]) == pytest.approx(3.0)           # the L's area, no overlap
+    pts = data.sample_surface(v3, f[lmask], 20000, np.random.default_rng(0))
+    back = (pts - [5.0, -2.0, 1.0]) @ rot                                # into the plane z = 0 again
+    assert np.abs(back[:, 2]).max() < 1e-4
+    assert not np.any((back[:, 0] > 1 + 1e-4) & (back[:, 1] > 1 + 1e-4)), "samples in the notch"
+    if fmt == "off":
+        assert triangle_area(v3, f[~lmask]) == pytest.approx(1.5)       # convex quad + triangle: fans, as before
+
+
+def test_polygon_that_crosses_itself_is_refused_with_its_face_number():
+    bowtie = "OFF\n4 2 0\n0 0 0\n2 2 0\n2 0 0\n0 1 0\n3 0 2 3\n4 0 1 2 3\n"
+    with pytest.raises(data.DataFileError, match=r"bow\.off: face 1 .*crosses itself"):
+        data.parse_off(bowtie, "bow.off")
+    square_bowtie = "v 0 0 0\nv 1 1 0\nv 1 0 0\nv 0 1 0\nf 1 2 3 4\n"      # zero net area
+    with pytest.raises(data.DataFileError, match="crosses itself"):
+        data.parse_obj(square_bowtie, "bow.obj")
+    line = "v 0 0 0\nv 1 0 0\nv 2 0 0\nv 3 0 0\nf 1 2 3 4\nv 0 0 1\nv 1 0 1\nv 0 1 1\nf 5 6 7\n"
+    v, f = data.parse_obj(line, "line.obj")                               # a polygon on a line: no area, no triangle
+    np.testing.assert_array_equal(f, [[4, 5, 6]])
+
+
+@pytest.mark.parametrize("header, vertex_extra", [("COFF", " 255 0 0 255"), ("NOFF", " 0 0 1"),
+                                                  ("CNOFF", " 0 0 1 0.5 0.5 0.5 1.0"), ("OFF", "")])
+def test_off_colour_and_normal_headers_and_float_face_colours(header, vertex_extra):
+    text = (f"{header}\n4 2 0\n" + "".join(f"{x} {y} 0{vertex_extra}\n" for x, y in ((0, 0), (1, 0), (1, 1), (0, 1)))
+            + "3 0 1 2 0.5 0.5 0.5 1.0\n3 0 2 3\n")
+    v, f = data.parse_off(text, "c.off")
+    np.testing.assert_array_equal(v[:, 2], 0)
+    np.testing.assert_array_equal(v[:, :2], [[0, 0], [1, 0], [1, 1], [0, 1]])
+    np.testing.assert_array_equal(f, [[0, 1, 2], [0, 2, 3]])
+
+
 # -- ModelNet40: folder and zip, cache, point files, bad files, missing data, download ---------
 
 def test_modelnet40_zip_and_folder_agree_and_cache(tmp_path, monkeypatch):
