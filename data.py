@@ -358,14 +358,18 @@ def parse_obj(text: str, path: str = "<obj>") -> tuple[np.ndarray, np.ndarray]:
 def read_points(data: bytes, path: str) -> np.ndarray:
     """Point file -> (N, 3) float32: .npy arrays (N, 3+) or .txt/.xyz rows of comma- or
     space-separated columns; xyz is the first three columns (normals etc. are dropped)."""
+    if not data:
+        raise DataFileError(path, "empty file (0 bytes, an interrupted copy or download?)")
     try:
         if path.endswith(".npy"):
-            arr = np.load(io.BytesIO(data), allow_pickle=False)
+            arr = np.load(io.BytesIO(data), allow_pickle=False)   # EOFError or ValueError when cut short
+            if not isinstance(arr, np.ndarray):
+                raise ValueError("an .npz archive, not an .npy array")
         else:
             rows = [r for r in data.decode("latin-1").replace(",", " ").splitlines() if r.strip()]
             arr = np.array([r.split() for r in rows], dtype=np.float64)   # ragged rows -> ValueError
-    except ValueError as e:
-        raise DataFileError(path, f"unreadable point file ({e})") from None
+    except (ValueError, EOFError) as e:
+        raise DataFileError(path, f"unreadable point file, truncated? ({e})") from None
     if arr.ndim != 2 or arr.shape[1] < 3 or arr.shape[0] == 0:
         raise DataFileError(path, f"expected an array of shape (N, 3+), got {arr.shape}")
     pts = arr[:, :3].astype(np.float32)
@@ -482,7 +486,9 @@ def _load_job(job):
 def _report_bad(bad: list, skip_bad: bool, what: str):
     """Nothing is dropped silently: raise on the first bad file, or warn per file plus a count."""
     if bad and not skip_bad:
-        raise DataFileError(*bad[0])
+        path, problem = bad[0]
+        raise DataFileError(path, f"{problem}. Replace or remove the file, or skip bad files with "
+                                  f"skip_bad=True (CLI: --skip-bad)")
     for path, problem in bad:
         warnings.warn(f"skipping bad file {path}: {problem}", stacklevel=3)
     if bad:
@@ -546,6 +552,30 @@ def build_clouds(archive: Archive, items: list, out_path: str, num_points: int |
     return len(files), labels, files, bad
 
 
+def _load_cache(npy: str, meta_path: str, fingerprint: str):
+    """(points memmap, meta) of a cache built from this data, else None. A .json of other data
+    means that the data changed: rebuilt quietly. An .npy that does not match its .json (cut short
+    by a full disk or an interrupted copy, or replaced) or an unreadable .json: rebuilt with a
+    warning. The .json records the .npy's shape and size to check it against."""
+    if not (os.path.exists(meta_path) and os.path.exists(npy)):
+        return None
+    try:
+        with open(meta_path) as fh:
+            meta = json.load(fh)
+        if meta.get("fingerprint") != fingerprint:
+            return None
+        points = np.load(npy, mmap_mode="r")          # EOFError / ValueError: shorter than its header
+        size = os.path.getsize(npy)
+        if (points.dtype != np.float32 or points.ndim != 3 or points.shape[2] != 3 or len(points) < meta["count"]
+                or list(points.shape) != meta.get("shape", list(points.shape)) or size != meta.get("bytes", size)):
+            raise ValueError(f"it holds {points.dtype} {points.shape} in {size} bytes, its .json says "
+                             f"{meta['count']} clouds, shape {meta.get('shape')}, {meta.get('bytes')} bytes")
+        return points, meta
+    except (OSError, ValueError, EOFError, KeyError, TypeError) as e:
+        warnings.warn(f"cache {npy} does not match {os.path.basename(meta_path)} ({e}); rebuilding it")
+        return None
+
+
 def cached_clouds(archive: Archive, items: list, cache_dir: str, key: str, classes: list[str], name: str,
                   num_points, sampling, seed, permute, skip_bad, workers, key_parts=3) -> PointCloudDataset:
     """Load `<cache_dir>/<key>.npy/.json` if it matches the data, else build it. The .json is
@@ -553,33 +583,32 @@ def cached_clouds(archive: Archive, items: list, cache_dir: str, key: str, class
     cache_dir = _writable(cache_dir)
     npy, meta_path = os.path.join(cache_dir, key + ".npy"), os.path.join(cache_dir, key + ".json")
     fingerprint = archive.fingerprint([n for n, _ in items])
-    meta = None
-    if os.path.exists(meta_path) and os.path.exists(npy):
-        with open(meta_path) as fh:
-            meta = json.load(fh)
-        if meta.get("fingerprint") != fingerprint:
-            meta = None
-    if meta is None:
+    cached = _load_cache(npy, meta_path, fingerprint)
+    if cached is None:
         tmp = f"{npy}.tmp{os.getpid()}.npy"
         try:
             count, labels, files, bad = build_clouds(archive, items, tmp, num_points, sampling, seed,
                                                      permute, skip_bad, workers, key_parts)
-            if bad and not skip_bad:
-                raise DataFileError(*bad[0])
+            if not skip_bad:
+                _report_bad(bad, skip_bad, name)          # raises on the first bad file
             if count == 0:
                 raise DataFileError(archive.path, "no readable point clouds")
             os.replace(tmp, npy)
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
-        meta = dict(fingerprint=fingerprint, count=count, labels=labels, files=files, bad=bad)
+        points = np.load(npy, mmap_mode="r")
+        meta = dict(fingerprint=fingerprint, count=count, labels=labels, files=files, bad=bad,
+                    shape=list(points.shape), bytes=os.path.getsize(npy))
         with open(f"{meta_path}.tmp{os.getpid()}", "w") as fh:
             json.dump(meta, fh)
         os.replace(fh.name, meta_path)                # the .json last: it marks the .npy complete
+        cached = points, meta
+    points, meta = cached
     _report_bad([tuple(b) for b in meta["bad"]], skip_bad, name)
-    points = np.load(npy, mmap_mode="r")[: meta["count"]]   # rows past count belong to skipped files
-    if points.nbytes < 4 << 30:                              # small enough: plain RAM, faster to index
-        points = np.ascontiguousarray(points)
+    points = points[: meta["count"]]                  # rows past count belong to skipped files
+    if points.nbytes < 4 << 30:                       # small enough: a copy in RAM, faster to index
+        points = np.array(points)                     # (ascontiguousarray would keep the memmap)
     return PointCloudDataset(points, meta["labels"], classes, name, meta["files"])
 
 

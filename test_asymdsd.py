@@ -1056,6 +1056,46 @@ def test_corrupt_zip_member_and_truncated_zip(tmp_path, capsys):
         data.build_dataset("modelnet40", str(cut), "train")
 
 
+def test_empty_and_truncated_point_files_are_named_and_skippable(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    files = {}
+    for k in range(3):
+        buf = io.BytesIO()
+        np.save(buf, rng.normal(size=(50, 3)).astype(np.float32))
+        files[f"cup/train/cup_{k:04d}.npy"] = buf.getvalue()
+    files["cup/train/cup_0003.npy"] = b""                                  # 0 bytes: an interrupted copy
+    files["cup/train/cup_0004.npy"] = files["cup/train/cup_0000.npy"][:100]  # cut inside the data
+    files["cup/train/cup_0005.txt"] = b""
+    files["cup/train/cup_0006.xyz"] = b"1 2 3\n4 5"                         # cut inside a row
+    folder = write_off_tree(tmp_path, files)
+    with pytest.raises(data.DataFileError, match=r"cup_0003\.npy: .*empty.*skip.bad") as e:
+        data.build_dataset("modelnet40", str(folder), "train", num_points=16)
+    assert "\n" not in str(e.value)
+    with pytest.warns(UserWarning) as rec:
+        ds = data.build_dataset("modelnet40", str(folder), "train", num_points=16, skip_bad=True)
+    msgs = " | ".join(str(w.message) for w in rec)
+    assert all(f"cup_000{k}." in msgs for k in (3, 4, 5, 6))
+    assert len(ds) == 3 and "skipped 4 bad file(s)" in capsys.readouterr().out
+
+
+def test_truncated_or_stale_cache_is_rebuilt(tmp_path):
+    folder = tiny_modelnet(tmp_path)
+    cache = tmp_path / "c"
+    first = data.build_dataset("modelnet40", str(folder), "train", num_points=16, cache_dir=str(cache))
+    npy, meta = cache / "modelnet40_train_16pts_fps_seed0.npy", cache / "modelnet40_train_16pts_fps_seed0.json"
+    whole = npy.read_bytes()
+    np.save(tmp_path / "other.npy", np.zeros((4, 8, 3), np.float32))
+    for damage in (lambda: npy.write_bytes(whole[: len(whole) - 40]),       # cut short
+                   lambda: npy.write_bytes(b""),                             # emptied
+                   lambda: npy.write_bytes((tmp_path / "other.npy").read_bytes()),   # another cache's file
+                   lambda: meta.write_text(meta.read_text()[:20])):          # the json cut short
+        damage()
+        with pytest.warns(UserWarning, match=r"modelnet40_train_16pts_fps_seed0.*rebuilding"):
+            again = data.build_dataset("modelnet40", str(folder), "train", num_points=16, cache_dir=str(cache))
+        np.testing.assert_array_equal(again.points, first.points)
+        assert npy.read_bytes() == whole
+
+
 def test_pool_build_equals_serial_build(tmp_path):
     rng = np.random.default_rng(1)
     files = {}
