@@ -40,6 +40,7 @@ import os
 import pickle
 import random
 import re
+import urllib.error
 import urllib.request
 import warnings
 import zipfile
@@ -642,13 +643,14 @@ def download(url: str, dest: str, timeout: float = 60.0, chunk: int = 1 << 20):
     integrity), then os.replace to dest. On any failure the .part is removed and nothing named
     `dest` exists, so an interrupted download never looks complete."""
     part = dest + ".part"
-    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp, open(part, "wb") as fh:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # no network: fails here, nothing made
+            os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
             total = resp.headers.get("Content-Length")
             total = int(total) if total is not None else None
             got = 0
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {os.path.basename(dest)}") as bar:
+            with open(part, "wb") as fh, tqdm(total=total, unit="B", unit_scale=True,
+                                              desc=f"downloading {os.path.basename(dest)}") as bar:
                 while True:
                     try:
                         buf = resp.read(chunk)
@@ -681,8 +683,10 @@ def _find_source(root: str, names: list[str]) -> str | None:
     subfolders; a folder holding only a zip, our *_cache folder or a failed download's .part
     does not count."""
     def usable(p):
-        return os.path.isfile(p) or (os.path.isdir(p) and any(
-            e.is_dir() and not e.name.endswith("_cache") for e in os.scandir(p)))
+        if not os.path.isdir(p):
+            return os.path.isfile(p)
+        with os.scandir(p) as entries:
+            return any(e.is_dir() and not e.name.endswith("_cache") for e in entries)
     cands = [root, root.rstrip("/") + ".zip"] + [os.path.join(root, n) for n in names]
     return next((c for c in cands if usable(c)), None)
 
@@ -711,7 +715,14 @@ def build_modelnet40(root: str | None, split: str = "train", num_points: int | N
     root, url = root or "data/ModelNet40", url or MODELNET40_URL
     src = _find_source(root, ["ModelNet40", "ModelNet40.zip"])
     if src is None and download_missing:
-        src = download(url, root if root.endswith(".zip") else os.path.join(root, "ModelNet40.zip"))
+        dest = root if root.endswith(".zip") else os.path.join(root, "ModelNet40.zip")
+        try:
+            src = download(url, dest)
+        except OSError as e:   # no network, refused, HTTP error, cut short, not a zip
+            why = e if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", e)   # HTTPError: its code
+            raise FileNotFoundError(
+                f"ModelNet40 is not at {root!r} and its download failed: {url}: {why}. "
+                f"Download it by hand to {dest} (or extract it there) and run again.") from None
     if src is None:
         raise FileNotFoundError(
             f"ModelNet40 not found at {root!r}. Expected the official ModelNet40.zip or its extracted "

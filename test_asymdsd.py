@@ -1171,6 +1171,18 @@ def test_download_via_build_dataset_uses_module_url(tmp_path, monkeypatch):
         server.close()
 
 
+def test_download_without_network_says_what_to_do(tmp_path):
+    with socket.socket() as s:                       # a port nobody listens on: the connection is refused
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/ModelNet40.zip"
+    root = tmp_path / "data" / "ModelNet40"
+    with pytest.raises(FileNotFoundError) as e:
+        data.build_modelnet40(str(root), "train", 8, download_missing=True, url=url)
+    msg = str(e.value)
+    assert "\n" not in msg and url in msg and str(root / "ModelNet40.zip") in msg and "by hand" in msg
+    assert not root.exists(), "nothing is left behind"
+
+
 # -- ShapeNet, ShapeNet-55, ScanObjectNN, few-shot ---------------------------------------------
 
 def test_shapenet_zip_of_obj_is_z_up(tmp_path):
