@@ -850,7 +850,6 @@ def build_scanobjectnn(variant: str, root: str | None, split: str = "train", num
                        skip_bad: bool = False, sampling: str = "fps", seed: int = 0) -> PointCloudDataset:
     """ScanObjectNN from the h5_files folder (or a zip holding it): keys 'data' (n, 2048, 3) and
     'label' (n,). 15 classes; axes permuted to z-up (official ScanObjectNNBuilder). 2048 points as stored."""
-    import h5py  # here, so that data.py imports without h5py for everything else
     folder, suffix = SCANOBJECTNN_FILES[variant]
     member = f"{folder}/{'training' if split == 'train' else 'test'}_{suffix}"
     root = root or "data/ScanObjectNN"
@@ -863,6 +862,10 @@ def build_scanobjectnn(variant: str, root: str | None, split: str = "train", num
             f"automatically: request it with the form at https://hkust-vgd.github.io/scanobjectnn/ and "
             f"put h5_files/ (main_split/, main_split_nobg/) or h5_files.zip at {root}.")
     path = archive.label(names[0])
+    try:
+        import h5py  # here, after the data is found, so that data.py imports without h5py
+    except ImportError:
+        raise ModuleNotFoundError(f"reading {path} needs the h5py package: pip install h5py") from None
     try:
         with h5py.File(io.BytesIO(archive.read(names[0])), "r") as h5:
             data, labels = np.asarray(h5["data"]), np.asarray(h5["label"]).reshape(-1).astype(np.int64)

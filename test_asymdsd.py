@@ -1008,7 +1008,6 @@ def test_missing_folder_message(tmp_path):
         data.build_dataset("shapenet", str(tmp_path / "nope"), "train")
     with pytest.raises(FileNotFoundError, match="Point-BERT"):
         data.build_dataset("modelnet40_fewshot", str(tmp_path / "nope"), "train", way=5, shot=10, fold=0)
-    pytest.importorskip("h5py")                # the ScanObjectNN reader needs h5py before it looks for files
     with pytest.raises(FileNotFoundError, match="hkust-vgd.github.io/scanobjectnn"):
         data.build_dataset("scanobjectnn_pbt50rs", str(tmp_path / "nope"), "train")
 
@@ -1270,6 +1269,17 @@ def test_scanobjectnn_nan_sample_skipped_with_warning(tmp_path, capsys):
     with pytest.warns(UserWarning, match=r"\[1\]"):
         ds = data.build_dataset("scanobjectnn_objbg", str(tmp_path), "train", skip_bad=True)
     assert [ds[i][1] for i in range(len(ds))] == [0, 2] and "skipped 1" in capsys.readouterr().out
+
+
+def test_scanobjectnn_without_h5py_still_says_where_to_get_the_data(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "h5py", None)          # as if h5py were not installed
+    with pytest.raises(FileNotFoundError, match="hkust-vgd.github.io/scanobjectnn"):
+        data.build_dataset("scanobjectnn_pbt50rs", str(tmp_path / "nope"), "train")
+    h5 = tmp_path / "ScanObjectNN" / "h5_files" / "main_split" / "training_objectdataset.h5"
+    h5.parent.mkdir(parents=True)
+    h5.write_bytes(b"\x89HDF")
+    with pytest.raises(ImportError, match="pip install h5py"):      # the data is there: then the package is named
+        data.build_dataset("scanobjectnn_objbg", str(tmp_path / "ScanObjectNN"), "train")
 
 
 def test_fewshot_pickle(tmp_path):
