@@ -429,8 +429,14 @@ def patch_settings(args, benchmark: str) -> tuple[int, int, int]:
 
 
 def load_split(args, split: str, num_points: int, **kw):
+    """One split through data.py. Missing or bad data ends the command with data.py's message,
+    which names the file and what to do (--download, --skip-bad), instead of a traceback."""
     import data
-    return data.build_dataset(args.data, args.data_root, split, num_points=num_points, cache_dir=args.cache_dir, **kw)
+    try:
+        return data.build_dataset(args.data, args.data_root, split, num_points=num_points, cache_dir=args.cache_dir,
+                                  download=args.download, skip_bad=args.skip_bad, **kw)
+    except (FileNotFoundError, ValueError, ImportError) as e:   # DataFileError is a ValueError
+        raise SystemExit(f"error: {e}") from None
 
 
 def report(args, command: str, checkpoint: str, settings: dict, metrics: dict, rows: list[tuple]):
@@ -630,6 +636,9 @@ def main(argv=None):
     data_flags = argparse.ArgumentParser(add_help=False)
     data_flags.add_argument("--data-root", help="dataset folder or archive (data.py)")
     data_flags.add_argument("--cache-dir", help="where data.py caches sampled clouds (default: next to the data)")
+    data_flags.add_argument("--download", action="store_true", help="download ModelNet40 if it is missing")
+    data_flags.add_argument("--skip-bad", action="store_true", help="skip unreadable shapes (warned, counted) "
+                                                                    "instead of stopping")
     data_flags.add_argument("--num-points", type=int, help="points per cloud (default 1024 ModelNet40, 2048 ScanObjectNN)")
     data_flags.add_argument("--patches", type=int, help="patches per cloud (default: the benchmark's, 64 ModelNet40, 128 ScanObjectNN)")
     data_flags.add_argument("--patch-size", type=int, help="points per patch (default: 32)")
