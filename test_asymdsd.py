@@ -1693,6 +1693,22 @@ def test_export_and_plot_commands(tmp_path, capsys):
     assert "(2 evaluated snapshots)" in capsys.readouterr().out
 
 
+def test_plot_titles_name_the_dataset_of_the_records(tmp_path):
+    pytest.importorskip("matplotlib")
+    log = tmp_path / "log.jsonl"
+    log.write_text("\n".join(json.dumps({"step": s, "epoch": s, "loss": 1.0 / s}) for s in (1, 2)))
+    rec = lambda epoch, dataset, acc: json.dumps({"command": "svm", "checkpoint": str(tmp_path / f"epoch_{epoch:03d}.pt"),
+                                                  "dataset": dataset, "metrics": {"svm_acc": acc, "knn_acc": acc}})
+    results = tmp_path / "results.jsonl"
+    results.write_text("\n".join([rec(1, "scanobjectnn_objbg", 0.5), rec(2, "scanobjectnn_objbg", 0.6),
+                                  rec(2, "shapes", 0.9)]))
+    fig = evaluate.main(["plot", str(log), "--results", str(results), "--out", str(tmp_path / "c.png")])
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[:3] == ["scanobjectnn_objbg test accuracy (%)", "shapes test accuracy (%)", "loss"]
+    svm_line = fig.axes[0].get_lines()[0]
+    assert list(svm_line.get_xdata()) == [1, 2] and list(svm_line.get_ydata()) == [50, 60]   # the datasets never mix
+
+
 def test_table_groups_seeds_and_keeps_inputs_apart(tmp_path, capsys):
     def rec(tag, acc, points=1024, patches=64, size=32):
         return json.dumps({"command": "svm", "tag": tag, "metrics": {"svm_acc": acc, "knn_acc": acc / 2},
