@@ -40,6 +40,7 @@ import os
 import pickle
 import random
 import re
+import urllib.error
 import urllib.request
 import warnings
 import zipfile
@@ -150,20 +151,11 @@ def item_rng(seed: int, key: str) -> np.random.Generator:
 # 2. File readers: OFF and OBJ meshes, npy/txt/xyz point files
 # ----------------------------------------------------------------------------------------------
 
-def _check_mesh(v: np.ndarray, f: np.ndarray, path: str):
-    if len(v) == 0 or len(f) == 0:
-        raise DataFileError(path, f"empty mesh ({len(v)} vertices, {len(f)} faces)")
-    if not np.isfinite(v).all():
-        raise DataFileError(path, "non-finite vertex coordinates (NaN or inf)")
-    if f.min() < 0 or f.max() >= len(v):
-        bad = f.min() if f.min() < 0 else f.max()
-        raise DataFileError(path, f"face index {bad} out of range for {len(v)} vertices")
-
-
 def fan_triangles(refs: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Triangulate polygons as fans around their first vertex, vectorised. refs: the vertex
     indices of all polygons concatenated; counts: vertices per polygon -> (T, 3).
-    Polygons with fewer than 3 vertices (OBJ/OFF lines and points) give no triangle."""
+    Polygons with fewer than 3 vertices (OBJ/OFF lines and points) give no triangle.
+    Right for convex polygons only: `triangulate` decides which polygons may take this path."""
     counts = np.asarray(counts, dtype=np.int64)
     starts = (np.cumsum(counts) - counts)[counts >= 3]               # (P,) offset of each polygon
     ntri = counts[counts >= 3] - 2                                    # (P,) triangles per polygon
@@ -172,16 +164,143 @@ def fan_triangles(refs: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return np.stack([refs[first], refs[first + j], refs[first + j + 1]], 1).reshape(-1, 3)
 
 
+def convex_polygons(poly: np.ndarray) -> np.ndarray:
+    """poly (P, c, 3) polygons -> (P,) True where a polygon is convex and simple in its plane: it
+    turns the same way at every vertex about its Newell normal, once around (the turns sum to 2 pi).
+    A straight vertex turns by 0 and keeps a polygon convex; a repeated vertex (an edge of length
+    0) hides the turn there, so that polygon counts as not convex and is ear-clipped instead."""
+    centred = poly - poly.mean(1, keepdims=True)
+    normal = np.cross(centred, np.roll(centred, -1, 1)).sum(1)                 # (P, 3) Newell's method
+    e_in, e_out = poly - np.roll(poly, 1, 1), np.roll(poly, -1, 1) - poly     # (P, c, 3) edges at each vertex
+    length = np.linalg.norm(normal, axis=1)                                   # (P,) 0: no plane, no area
+    sin = np.einsum("pcj,pj->pc", np.cross(e_in, e_out), normal)             # both scaled by |normal|,
+    cos = (e_in * e_out).sum(-1) * length[:, None]                           # so no division by 0
+    turn = np.arctan2(sin, cos)                                               # (P, c) in (-pi, pi]
+    return (length > 0) & (turn > -1e-6).all(1) & (np.abs(turn.sum(1) - 2 * np.pi) < 1e-6)
+
+
+def crosses_itself(uv: np.ndarray, eps: float) -> bool:
+    """uv (c, 2) polygon -> True when two of its edges cross at a point inside both. Edges that
+    only touch (at a shared or repeated vertex, or running along each other) do not count."""
+    a, b = uv, np.roll(uv, -1, 0)                                         # edge i runs a[i] -> b[i]
+
+    def side(p, q, r):   # -1, 0, 1: r right of, on, left of the line p -> q
+        s = (q[..., 0] - p[..., 0]) * (r[..., 1] - p[..., 1]) - (q[..., 1] - p[..., 1]) * (r[..., 0] - p[..., 0])
+        return np.where(np.abs(s) <= eps, 0, np.sign(s))
+
+    for i in range(0, len(uv), 512):                                      # (512, c) pairs at a time
+        p, q = a[i:i + 512, None], b[i:i + 512, None]
+        apart_pq = side(p, q, a[None]) * side(p, q, b[None]) < 0              # edge j's ends on both sides of i
+        apart_ab = side(a[None], b[None], p) * side(a[None], b[None], q) < 0  # and edge i's ends of j
+        if (apart_pq & apart_ab).any():
+            return True
+    return False
+
+
+def ear_clip(poly: np.ndarray) -> list[tuple[int, int, int]]:
+    """Triangles, as positions in `poly`, of one polygon (c, 3) in either winding. The polygon is
+    projected onto its plane by dropping the largest axis of its Newell normal (an affine map of
+    that plane, which keeps convexity and containment), then ear-clipped: a corner that turns left
+    and holds no other vertex is cut off as a triangle, until three vertices are left. A vertex in
+    line with its neighbours adds no area and is dropped. ValueError when the polygon crosses
+    itself: such a polygon has no one surface (nonzero and even-odd filling disagree)."""
+    centred = poly - poly.mean(0)
+    normal = np.cross(centred, np.roll(centred, -1, 0)).sum(0)             # twice the vector area
+    size2 = float((centred ** 2).sum(1).max())                              # squared radius
+    eps = 1e-12 * size2
+    if np.linalg.norm(normal) <= eps:                                       # no net area
+        if np.linalg.svd(centred, compute_uv=False)[1] ** 2 > eps:
+            raise ValueError("crosses itself (its parts enclose no net area)")
+        return []                                                           # all on one line
+    ax = int(np.abs(normal).argmax())
+    uv = centred[:, [(ax + 1) % 3, (ax + 2) % 3]]
+    if normal[ax] < 0:
+        uv = uv[:, ::-1]                                                    # counter-clockwise in (u, v)
+    if crosses_itself(uv, eps):
+        raise ValueError("crosses itself")
+
+    def left(a, b, c):   # twice the signed area of triangle (a, b, c); c may be an index array
+        return ((uv[b, 0] - uv[a, 0]) * (uv[c, 1] - uv[a, 1]) -
+                (uv[b, 1] - uv[a, 1]) * (uv[c, 0] - uv[a, 0]))
+
+    ring, tris = list(range(len(poly))), []
+    while len(ring) >= 3:
+        for k in range(len(ring)):
+            a, b, c = ring[k - 1], ring[k], ring[(k + 1) % len(ring)]
+            turn = left(a, b, c)
+            if abs(turn) <= eps:                     # b in line with a and c: drop it, no triangle
+                break
+            if turn > 0:
+                others = np.array([j for j in ring if j not in (a, b, c)], dtype=np.int64)
+                # copies of a corner (polygons joined along a bridge edge) do not block it
+                others = others[~(uv[others, None] == uv[[a, b, c]]).all(-1).any(1)]
+                if not ((left(a, b, others) >= 0) & (left(b, c, others) >= 0) & (left(c, a, others) >= 0)).any():
+                    tris.append((a, b, c))
+                    break
+        else:
+            raise ValueError("has no corner that can be cut off (it touches itself)")
+        del ring[k]
+    return tris
+
+
+def triangulate(vertices: np.ndarray, refs: np.ndarray, counts, path: str) -> np.ndarray:
+    """Polygons -> triangles (T, 3). refs: the vertex indices of all polygons concatenated, counts:
+    vertices per polygon. Convex polygons (nearly all, in practice) become fans around their first
+    vertex, in bulk; the others are ear-clipped one by one, so that no triangle covers a notch.
+    A polygon that crosses itself has no one right surface: DataFileError naming the face."""
+    counts = np.asarray(counts, dtype=np.int64)
+    starts = np.cumsum(counts) - counts
+    convex = np.ones(len(counts), dtype=bool)                 # triangles, lines and points trivially
+    for c in np.unique(counts[counts > 3]):
+        same = np.flatnonzero(counts == c)
+        for sel in np.split(same, range(1 << 16, len(same), 1 << 16)):   # bounded temporaries
+            convex[sel] = convex_polygons(vertices[refs[starts[sel, None] + np.arange(c)]])
+    fans = fan_triangles(refs, counts)
+    if convex.all():
+        return fans
+    keep = np.repeat(convex[counts >= 3], counts[counts >= 3] - 2)   # per fan triangle
+    clipped = []
+    for p in np.flatnonzero(~convex):
+        ids = refs[starts[p]:starts[p] + counts[p]]
+        try:
+            clipped.append(ids[np.array(ear_clip(vertices[ids]), dtype=np.int64).reshape(-1, 3)])
+        except ValueError as e:
+            raise DataFileError(path, f"face {p} (counting from 0) is a polygon of {counts[p]} vertices that {e}, "
+                                      f"so it has no one surface to sample") from None
+    return np.concatenate([fans[keep]] + clipped)
+
+
+def mesh_triangles(v: np.ndarray, refs: np.ndarray, counts, path: str) -> np.ndarray:
+    """Check a parsed mesh (vertices finite, every face index names a vertex), then triangulate."""
+    if len(v) == 0 or len(counts) == 0:
+        raise DataFileError(path, f"empty mesh ({len(v)} vertices, {len(counts)} faces)")
+    if not np.isfinite(v).all():
+        raise DataFileError(path, "non-finite vertex coordinates (NaN or inf)")
+    if refs.size and (refs.min() < 0 or refs.max() >= len(v)):
+        bad = refs.min() if refs.min() < 0 else refs.max()
+        raise DataFileError(path, f"face index {bad} out of range for {len(v)} vertices")
+    f = triangulate(v, refs, counts, path)
+    if len(f) == 0:
+        raise DataFileError(path, f"empty mesh ({len(v)} vertices, no face of 3 or more vertices)")
+    return f
+
+
+OFF_HEADER = re.compile(r"(C?N?OFF)(.*)", re.I)   # OFF, COFF (colours), NOFF (normals), CNOFF
+
+
 def parse_off(text: str, path: str = "<off>") -> tuple[np.ndarray, np.ndarray]:
     """OFF mesh -> vertices (V, 3) float64, triangle faces (F, 3) int64.
 
-    ModelNet quirks handled: the counts glued to the header ('OFF490 518 0'), '#' comments,
-    blank lines, CRLF endings, polygons (fan-triangulated), trailing colour values."""
+    Read: the OFF, COFF, NOFF and CNOFF headers (a vertex line is x y z, then any normal and
+    colour columns, ignored); a face line is its vertex count, that many indices, then anything
+    (integer or float colours, ignored); polygon faces (`triangulate`). ModelNet quirks: the
+    counts glued to the header ('OFF490 518 0'), '#' comments, blank lines, CRLF endings."""
     lines = [ln.strip() for ln in re.sub(r"#[^\n]*", "", text).splitlines()]
     lines = [ln for ln in lines if ln]
-    if not lines or not lines[0].upper().startswith("OFF"):
+    head = OFF_HEADER.fullmatch(lines[0]) if lines else None
+    if head is None:
         raise DataFileError(path, "not an OFF file (no 'OFF' header)")
-    rest = lines[0][3:].strip()                     # counts may follow 'OFF' on the same line
+    rest = head.group(2).strip()                    # counts may follow 'OFF' on the same line
     counts, body = (rest, lines[1:]) if rest else (lines[1] if len(lines) > 1 else "", lines[2:])
     try:
         nv, nf = (int(t) for t in counts.split()[:2])
@@ -189,30 +308,33 @@ def parse_off(text: str, path: str = "<off>") -> tuple[np.ndarray, np.ndarray]:
         raise DataFileError(path, f"bad OFF counts line {counts!r}") from None
     if len(body) < nv + nf:
         raise DataFileError(path, f"truncated: {len(body)} data lines for {nv} vertices + {nf} faces")
+    face_lines, short = body[nv:nv + nf], None
     try:
         toks = " ".join(body[:nv]).split()
         v = (np.array(toks, dtype=np.float64).reshape(nv, 3) if len(toks) == 3 * nv else
              np.array([ln.split()[:3] for ln in body[:nv]], dtype=np.float64))
-        flat = np.array(" ".join(body[nv:nv + nf]).split(), dtype=np.int64)
-        if flat.size == 4 * nf and (flat[0::4] == 3).all():         # fast path: all triangles
-            f = flat.reshape(nf, 4)[:, 1:]
-        else:                                                         # polygons, or extra colour columns
-            rows = [ln.split() for ln in body[nv:nv + nf]]
-            counts = [int(t[0]) for t in rows]
-            refs = np.array([x for t, c in zip(rows, counts) for x in t[1:1 + c]], dtype=np.int64)
-            f = fan_triangles(refs, counts)
-    except (ValueError, IndexError) as e:  # non-numeric tokens, ragged rows, short face lines
+        toks = " ".join(face_lines).split()
+        if len(toks) == 4 * nf and all(t == "3" for t in toks[0::4]):      # fast path: bare triangles
+            refs, sizes = np.array(toks, dtype=np.int64).reshape(nf, 4)[:, 1:].ravel(), np.full(nf, 3)
+        else:                                                             # polygons, or colour columns
+            rows = [ln.split() for ln in face_lines]
+            sizes = np.array([int(r[0]) for r in rows], dtype=np.int64)
+            short = next((i for i, (r, c) in enumerate(zip(rows, sizes)) if c < 0 or len(r) < 1 + c), None)
+            refs = np.array([x for r, c in zip(rows, sizes) for x in r[1:1 + c]], dtype=np.int64)
+    except (ValueError, IndexError) as e:  # non-numeric tokens, ragged rows
         raise DataFileError(path, f"unparsable OFF data ({e})") from None
-    _check_mesh(v, f, path)
-    return v, f
+    if short is not None:
+        raise DataFileError(path, f"unparsable OFF data (face {short} lists {len(face_lines[short].split()) - 1} "
+                                  f"of its {sizes[short]} vertex indices)")
+    return v, mesh_triangles(v, refs, sizes, path)
 
 
 def parse_obj(text: str, path: str = "<obj>") -> tuple[np.ndarray, np.ndarray]:
     """Wavefront OBJ -> vertices (V, 3), triangle faces (F, 3). Reads 'v' and 'f' lines only;
     face refs may be 'a', 'a/b', 'a//c', 'a/b/c', 1-based or negative (relative to the vertices
-    read so far). All groups/objects are concatenated, as trimesh does for a scene (official
-    asymdsd/data/transforms.py: DecodeMesh). One regex pass collects the lines; the numbers are
-    converted in bulk."""
+    read so far); polygon faces as in `triangulate`. All groups/objects are concatenated, as
+    trimesh does for a scene (official asymdsd/data/transforms.py: DecodeMesh). One regex pass
+    collects the lines; the numbers are converted in bulk."""
     vlines, flines, fbase = [], [], []                # fbase: vertices defined before each face
     for m in re.finditer(r"^([vf])[ \t]+([^\r\n]*)", text, re.M):
         if m.group(1) == "v":
@@ -231,22 +353,24 @@ def parse_obj(text: str, path: str = "<obj>") -> tuple[np.ndarray, np.ndarray]:
     if (refs == 0).any():
         raise DataFileError(path, "face index 0 out of range (OBJ indices start at 1)")
     base = np.repeat(np.array(fbase, dtype=np.int64), counts)
-    f = fan_triangles(np.where(refs > 0, refs - 1, base + refs), counts)
-    _check_mesh(v, f, path)
-    return v, f
+    return v, mesh_triangles(v, np.where(refs > 0, refs - 1, base + refs), counts, path)
 
 
 def read_points(data: bytes, path: str) -> np.ndarray:
     """Point file -> (N, 3) float32: .npy arrays (N, 3+) or .txt/.xyz rows of comma- or
     space-separated columns; xyz is the first three columns (normals etc. are dropped)."""
+    if not data:
+        raise DataFileError(path, "empty file (0 bytes, an interrupted copy or download?)")
     try:
         if path.endswith(".npy"):
-            arr = np.load(io.BytesIO(data), allow_pickle=False)
+            arr = np.load(io.BytesIO(data), allow_pickle=False)   # EOFError or ValueError when cut short
+            if not isinstance(arr, np.ndarray):
+                raise ValueError("an .npz archive, not an .npy array")
         else:
             rows = [r for r in data.decode("latin-1").replace(",", " ").splitlines() if r.strip()]
             arr = np.array([r.split() for r in rows], dtype=np.float64)   # ragged rows -> ValueError
-    except ValueError as e:
-        raise DataFileError(path, f"unreadable point file ({e})") from None
+    except (ValueError, EOFError) as e:
+        raise DataFileError(path, f"unreadable point file, truncated? ({e})") from None
     if arr.ndim != 2 or arr.shape[1] < 3 or arr.shape[0] == 0:
         raise DataFileError(path, f"expected an array of shape (N, 3+), got {arr.shape}")
     pts = arr[:, :3].astype(np.float32)
@@ -363,7 +487,9 @@ def _load_job(job):
 def _report_bad(bad: list, skip_bad: bool, what: str):
     """Nothing is dropped silently: raise on the first bad file, or warn per file plus a count."""
     if bad and not skip_bad:
-        raise DataFileError(*bad[0])
+        path, problem = bad[0]
+        raise DataFileError(path, f"{problem}. Replace or remove the file, or skip bad files with "
+                                  f"skip_bad=True (CLI: --skip-bad)")
     for path, problem in bad:
         warnings.warn(f"skipping bad file {path}: {problem}", stacklevel=3)
     if bad:
@@ -427,6 +553,30 @@ def build_clouds(archive: Archive, items: list, out_path: str, num_points: int |
     return len(files), labels, files, bad
 
 
+def _load_cache(npy: str, meta_path: str, fingerprint: str):
+    """(points memmap, meta) of a cache built from this data, else None. A .json of other data
+    means that the data changed: rebuilt quietly. An .npy that does not match its .json (cut short
+    by a full disk or an interrupted copy, or replaced) or an unreadable .json: rebuilt with a
+    warning. The .json records the .npy's shape and size to check it against."""
+    if not (os.path.exists(meta_path) and os.path.exists(npy)):
+        return None
+    try:
+        with open(meta_path) as fh:
+            meta = json.load(fh)
+        if meta.get("fingerprint") != fingerprint:
+            return None
+        points = np.load(npy, mmap_mode="r")          # EOFError / ValueError: shorter than its header
+        size = os.path.getsize(npy)
+        if (points.dtype != np.float32 or points.ndim != 3 or points.shape[2] != 3 or len(points) < meta["count"]
+                or list(points.shape) != meta.get("shape", list(points.shape)) or size != meta.get("bytes", size)):
+            raise ValueError(f"it holds {points.dtype} {points.shape} in {size} bytes, its .json says "
+                             f"{meta['count']} clouds, shape {meta.get('shape')}, {meta.get('bytes')} bytes")
+        return points, meta
+    except (OSError, ValueError, EOFError, KeyError, TypeError) as e:
+        warnings.warn(f"cache {npy} does not match {os.path.basename(meta_path)} ({e}); rebuilding it")
+        return None
+
+
 def cached_clouds(archive: Archive, items: list, cache_dir: str, key: str, classes: list[str], name: str,
                   num_points, sampling, seed, permute, skip_bad, workers, key_parts=3) -> PointCloudDataset:
     """Load `<cache_dir>/<key>.npy/.json` if it matches the data, else build it. The .json is
@@ -434,33 +584,32 @@ def cached_clouds(archive: Archive, items: list, cache_dir: str, key: str, class
     cache_dir = _writable(cache_dir)
     npy, meta_path = os.path.join(cache_dir, key + ".npy"), os.path.join(cache_dir, key + ".json")
     fingerprint = archive.fingerprint([n for n, _ in items])
-    meta = None
-    if os.path.exists(meta_path) and os.path.exists(npy):
-        with open(meta_path) as fh:
-            meta = json.load(fh)
-        if meta.get("fingerprint") != fingerprint:
-            meta = None
-    if meta is None:
+    cached = _load_cache(npy, meta_path, fingerprint)
+    if cached is None:
         tmp = f"{npy}.tmp{os.getpid()}.npy"
         try:
             count, labels, files, bad = build_clouds(archive, items, tmp, num_points, sampling, seed,
                                                      permute, skip_bad, workers, key_parts)
-            if bad and not skip_bad:
-                raise DataFileError(*bad[0])
+            if not skip_bad:
+                _report_bad(bad, skip_bad, name)          # raises on the first bad file
             if count == 0:
                 raise DataFileError(archive.path, "no readable point clouds")
             os.replace(tmp, npy)
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
-        meta = dict(fingerprint=fingerprint, count=count, labels=labels, files=files, bad=bad)
+        points = np.load(npy, mmap_mode="r")
+        meta = dict(fingerprint=fingerprint, count=count, labels=labels, files=files, bad=bad,
+                    shape=list(points.shape), bytes=os.path.getsize(npy))
         with open(f"{meta_path}.tmp{os.getpid()}", "w") as fh:
             json.dump(meta, fh)
         os.replace(fh.name, meta_path)                # the .json last: it marks the .npy complete
+        cached = points, meta
+    points, meta = cached
     _report_bad([tuple(b) for b in meta["bad"]], skip_bad, name)
-    points = np.load(npy, mmap_mode="r")[: meta["count"]]   # rows past count belong to skipped files
-    if points.nbytes < 4 << 30:                              # small enough: plain RAM, faster to index
-        points = np.ascontiguousarray(points)
+    points = points[: meta["count"]]                  # rows past count belong to skipped files
+    if points.nbytes < 4 << 30:                       # small enough: a copy in RAM, faster to index
+        points = np.array(points)                     # (ascontiguousarray would keep the memmap)
     return PointCloudDataset(points, meta["labels"], classes, name, meta["files"])
 
 
@@ -494,13 +643,14 @@ def download(url: str, dest: str, timeout: float = 60.0, chunk: int = 1 << 20):
     integrity), then os.replace to dest. On any failure the .part is removed and nothing named
     `dest` exists, so an interrupted download never looks complete."""
     part = dest + ".part"
-    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp, open(part, "wb") as fh:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # no network: fails here, nothing made
+            os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
             total = resp.headers.get("Content-Length")
             total = int(total) if total is not None else None
             got = 0
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {os.path.basename(dest)}") as bar:
+            with open(part, "wb") as fh, tqdm(total=total, unit="B", unit_scale=True,
+                                              desc=f"downloading {os.path.basename(dest)}") as bar:
                 while True:
                     try:
                         buf = resp.read(chunk)
@@ -533,8 +683,10 @@ def _find_source(root: str, names: list[str]) -> str | None:
     subfolders; a folder holding only a zip, our *_cache folder or a failed download's .part
     does not count."""
     def usable(p):
-        return os.path.isfile(p) or (os.path.isdir(p) and any(
-            e.is_dir() and not e.name.endswith("_cache") for e in os.scandir(p)))
+        if not os.path.isdir(p):
+            return os.path.isfile(p)
+        with os.scandir(p) as entries:
+            return any(e.is_dir() and not e.name.endswith("_cache") for e in entries)
     cands = [root, root.rstrip("/") + ".zip"] + [os.path.join(root, n) for n in names]
     return next((c for c in cands if usable(c)), None)
 
@@ -563,7 +715,14 @@ def build_modelnet40(root: str | None, split: str = "train", num_points: int | N
     root, url = root or "data/ModelNet40", url or MODELNET40_URL
     src = _find_source(root, ["ModelNet40", "ModelNet40.zip"])
     if src is None and download_missing:
-        src = download(url, root if root.endswith(".zip") else os.path.join(root, "ModelNet40.zip"))
+        dest = root if root.endswith(".zip") else os.path.join(root, "ModelNet40.zip")
+        try:
+            src = download(url, dest)
+        except OSError as e:   # no network, refused, HTTP error, cut short, not a zip
+            why = e if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", e)   # HTTPError: its code
+            raise FileNotFoundError(
+                f"ModelNet40 is not at {root!r} and its download failed: {url}: {why}. "
+                f"Download it by hand to {dest} (or extract it there) and run again.") from None
     if src is None:
         raise FileNotFoundError(
             f"ModelNet40 not found at {root!r}. Expected the official ModelNet40.zip or its extracted "
@@ -691,7 +850,6 @@ def build_scanobjectnn(variant: str, root: str | None, split: str = "train", num
                        skip_bad: bool = False, sampling: str = "fps", seed: int = 0) -> PointCloudDataset:
     """ScanObjectNN from the h5_files folder (or a zip holding it): keys 'data' (n, 2048, 3) and
     'label' (n,). 15 classes; axes permuted to z-up (official ScanObjectNNBuilder). 2048 points as stored."""
-    import h5py  # here, so that data.py imports without h5py for everything else
     folder, suffix = SCANOBJECTNN_FILES[variant]
     member = f"{folder}/{'training' if split == 'train' else 'test'}_{suffix}"
     root = root or "data/ScanObjectNN"
@@ -704,6 +862,10 @@ def build_scanobjectnn(variant: str, root: str | None, split: str = "train", num
             f"automatically: request it with the form at https://hkust-vgd.github.io/scanobjectnn/ and "
             f"put h5_files/ (main_split/, main_split_nobg/) or h5_files.zip at {root}.")
     path = archive.label(names[0])
+    try:
+        import h5py  # here, after the data is found, so that data.py imports without h5py
+    except ImportError:
+        raise ModuleNotFoundError(f"reading {path} needs the h5py package: pip install h5py") from None
     try:
         with h5py.File(io.BytesIO(archive.read(names[0])), "r") as h5:
             data, labels = np.asarray(h5["data"]), np.asarray(h5["label"]).reshape(-1).astype(np.int64)

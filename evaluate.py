@@ -430,8 +430,14 @@ def patch_settings(args, benchmark: str) -> tuple[int, int, int]:
 
 
 def load_split(args, split: str, num_points: int, **kw):
+    """One split through data.py. Missing or bad data ends the command with data.py's message,
+    which names the file and what to do (--download, --skip-bad), instead of a traceback."""
     import data
-    return data.build_dataset(args.data, args.data_root, split, num_points=num_points, cache_dir=args.cache_dir, **kw)
+    try:
+        return data.build_dataset(args.data, args.data_root, split, num_points=num_points, cache_dir=args.cache_dir,
+                                  download=args.download, skip_bad=args.skip_bad, **kw)
+    except (FileNotFoundError, ValueError, ImportError) as e:   # DataFileError is a ValueError
+        raise SystemExit(f"error: {e}") from None
 
 
 def report(args, command: str, checkpoint: str, settings: dict, metrics: dict, rows: list[tuple]):
@@ -538,15 +544,16 @@ def cmd_export(args):
 
 def cmd_plot(args):
     """Learning curves of one pretraining run: linear-SVM / kNN accuracy of its epoch snapshots
-    (`<run>/epoch_NNN.pt`, evaluated with `svm` into --results) and the loss terms, teacher
-    entropies and lr of its log.jsonl, all against the epoch."""
+    (`<run>/epoch_NNN.pt`, evaluated with `svm` into --results), one panel per dataset named in
+    the records, and the loss terms, teacher entropies and lr of its log.jsonl, all against the
+    epoch. Returns the figure."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     recs = [json.loads(line) for line in open(args.log) if line.strip()]
     keys = [k for k in recs[0] if k.startswith(("loss", "teacher_entropy")) or k == "lr"]
     run_dir = os.path.dirname(os.path.abspath(args.log))
-    acc = {}  # epoch -> (svm, knn), the latest record of each snapshot of this run
+    acc = {}  # dataset -> {epoch -> (svm, knn)}, the latest record of each snapshot of this run
     if args.results and os.path.exists(args.results):
         for line in open(args.results):
             r = json.loads(line)
@@ -556,21 +563,22 @@ def cmd_plot(args):
                 continue
             if m or name == "last.pt":  # last.pt: the run's final epoch
                 epoch = int(m.group(1)) if m else round(recs[-1]["epoch"])
-                acc[epoch] = (r["metrics"]["svm_acc"], r["metrics"]["knn_acc"])
-    panels = (["accuracy"] if acc else []) + keys
+                acc.setdefault(r.get("dataset"), {})[epoch] = (r["metrics"]["svm_acc"], r["metrics"]["knn_acc"])
+    panels = [("accuracy", d) for d in acc] + [(k, None) for k in keys]
     cols = min(4, len(panels))
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.8 * rows), squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
-    for ax, key in zip(axes.flat, panels):
+    for ax, (key, dataset) in zip(axes.flat, panels):
         if key == "accuracy":
-            epochs = sorted(acc)
-            ax.plot(epochs, [100 * acc[e][0] for e in epochs], "o-", label="linear SVM")
-            ax.plot(epochs, [100 * acc[e][1] for e in epochs], "s--", label="kNN (k=5)")
+            by_epoch = acc[dataset]
+            epochs = sorted(by_epoch)
+            ax.plot(epochs, [100 * by_epoch[e][0] for e in epochs], "o-", label="linear SVM")
+            ax.plot(epochs, [100 * by_epoch[e][1] for e in epochs], "s--", label="kNN (k=5)")
             if args.baseline is not None:
                 ax.axhline(args.baseline, color="gray", ls=":", label="random init (SVM)")
-            ax.set_title("ModelNet40 test accuracy (%)")
+            ax.set_title(f"{dataset} test accuracy (%)" if dataset else "test accuracy (%)")
             ax.legend(fontsize=7)
         else:
             ax.plot([r["epoch"] for r in recs if key in r], [r[key] for r in recs if key in r])
@@ -578,7 +586,8 @@ def cmd_plot(args):
         ax.set_xlabel("epoch")
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)
-    print(f"wrote {args.out} ({len(acc)} evaluated snapshots)")
+    print(f"wrote {args.out} ({sum(len(a) for a in acc.values())} evaluated snapshots)")
+    return fig
 
 
 def cmd_table(args):
@@ -631,6 +640,9 @@ def main(argv=None):
     data_flags = argparse.ArgumentParser(add_help=False)
     data_flags.add_argument("--data-root", help="dataset folder or archive (data.py)")
     data_flags.add_argument("--cache-dir", help="where data.py caches sampled clouds (default: next to the data)")
+    data_flags.add_argument("--download", action="store_true", help="download ModelNet40 if it is missing")
+    data_flags.add_argument("--skip-bad", action="store_true", help="skip unreadable shapes (warned, counted) "
+                                                                    "instead of stopping")
     data_flags.add_argument("--num-points", type=int, help="points per cloud (default 1024 ModelNet40, 2048 ScanObjectNN)")
     data_flags.add_argument("--patches", type=int, help="patches per cloud (default: the benchmark's, 64 ModelNet40, 128 ScanObjectNN)")
     data_flags.add_argument("--patch-size", type=int, help="points per patch (default: 32)")
@@ -668,7 +680,8 @@ def main(argv=None):
     s = sub.add_parser("plot", help="plot a pretraining log.jsonl")
     s.add_argument("log", help="a pretraining run's log.jsonl")
     s.add_argument("--results", help="results file holding `svm` records of the run's epoch_NNN.pt snapshots")
-    s.add_argument("--baseline", type=float, help="random-init SVM accuracy (%%) to draw as a line")
+    s.add_argument("--baseline", type=float, help="random-init SVM accuracy (%%) to draw as a line "
+                                                  "on every accuracy panel")
     s.add_argument("--out", default="curves.png")
     s.set_defaults(func=cmd_plot)
     s = sub.add_parser("table", help="a results file's tagged svm records as a markdown table (seeds grouped)")

@@ -870,6 +870,66 @@ def test_point_files_npy_txt_xyz():
         data.read_points(b"1 2 nan\n", "b.xyz")
 
 
+# An L-shaped hexagon in the plane z = 0, listed so that a fan around its first vertex (2, 1) covers
+# the notch (1, 2] x (1, 2]; the (0, 1) vertex lies on the edge between its neighbours.
+L_SHAPE = [(2, 1), (1, 1), (1, 2), (0, 2), (0, 1), (0, 0), (2, 0)]
+
+
+def l_shape_in_3d(reverse=False):
+    """The L in a tilted plane: (7, 3) vertices and the rotation that maps them back to z = 0."""
+    rot = data.random_rotation(np.random.default_rng(3))
+    flat = np.array([(x, y, 0.0) for x, y in (L_SHAPE[::-1] if reverse else L_SHAPE)])
+    return flat @ rot.T + [5.0, -2.0, 1.0], rot
+
+
+def triangle_area(v, f):
+    return 0.5 * np.linalg.norm(np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]]), axis=1).sum()
+
+
+@pytest.mark.parametrize("fmt", ["off", "obj"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_non_convex_polygons_are_ear_clipped_in_their_plane(fmt, reverse):
+    v, rot = l_shape_in_3d(reverse)
+    rows = "".join(" ".join(f"{c:.17g}" for c in p) + "\n" for p in v)
+    if fmt == "off":   # with a convex quad (a cube side) and a triangle beside the L
+        text = f"OFF\n{len(v) + 4} 3 0\n{rows}" + "9 9 9\n9 10 9\n10 10 9\n10 9 9\n"
+        text += "7 " + " ".join(map(str, range(7))) + "\n4 7 8 9 10\n3 7 8 9\n"
+        v3, f = data.parse_off(text, "l.off")
+    else:
+        v3, f = data.parse_obj("".join("v " + ln for ln in rows.splitlines(True)) + "f 1 2 3 4 5 6 7\n", "l.obj")
+    lmask = np.all(f < 7, axis=1)
+    assert triangle_area(v3, f[lmask]) == pytest.approx(3.0)           # the L's area, no overlap
+    pts = data.sample_surface(v3, f[lmask], 20000, np.random.default_rng(0))
+    back = (pts - [5.0, -2.0, 1.0]) @ rot                                # into the plane z = 0 again
+    assert np.abs(back[:, 2]).max() < 1e-4
+    assert not np.any((back[:, 0] > 1 + 1e-4) & (back[:, 1] > 1 + 1e-4)), "samples in the notch"
+    if fmt == "off":
+        assert triangle_area(v3, f[~lmask]) == pytest.approx(1.5)       # convex quad + triangle: fans, as before
+
+
+def test_polygon_that_crosses_itself_is_refused_with_its_face_number():
+    bowtie = "OFF\n4 2 0\n0 0 0\n2 2 0\n2 0 0\n0 1 0\n3 0 2 3\n4 0 1 2 3\n"
+    with pytest.raises(data.DataFileError, match=r"bow\.off: face 1 .*crosses itself"):
+        data.parse_off(bowtie, "bow.off")
+    square_bowtie = "v 0 0 0\nv 1 1 0\nv 1 0 0\nv 0 1 0\nf 1 2 3 4\n"      # zero net area
+    with pytest.raises(data.DataFileError, match="crosses itself"):
+        data.parse_obj(square_bowtie, "bow.obj")
+    line = "v 0 0 0\nv 1 0 0\nv 2 0 0\nv 3 0 0\nf 1 2 3 4\nv 0 0 1\nv 1 0 1\nv 0 1 1\nf 5 6 7\n"
+    v, f = data.parse_obj(line, "line.obj")                               # a polygon on a line: no area, no triangle
+    np.testing.assert_array_equal(f, [[4, 5, 6]])
+
+
+@pytest.mark.parametrize("header, vertex_extra", [("COFF", " 255 0 0 255"), ("NOFF", " 0 0 1"),
+                                                  ("CNOFF", " 0 0 1 0.5 0.5 0.5 1.0"), ("OFF", "")])
+def test_off_colour_and_normal_headers_and_float_face_colours(header, vertex_extra):
+    text = (f"{header}\n4 2 0\n" + "".join(f"{x} {y} 0{vertex_extra}\n" for x, y in ((0, 0), (1, 0), (1, 1), (0, 1)))
+            + "3 0 1 2 0.5 0.5 0.5 1.0\n3 0 2 3\n")
+    v, f = data.parse_off(text, "c.off")
+    np.testing.assert_array_equal(v[:, 2], 0)
+    np.testing.assert_array_equal(v[:, :2], [[0, 0], [1, 0], [1, 1], [0, 1]])
+    np.testing.assert_array_equal(f, [[0, 1, 2], [0, 2, 3]])
+
+
 # -- ModelNet40: folder and zip, cache, point files, bad files, missing data, download ---------
 
 def test_modelnet40_zip_and_folder_agree_and_cache(tmp_path, monkeypatch):
@@ -950,7 +1010,6 @@ def test_missing_folder_message(tmp_path):
         data.build_dataset("shapenet", str(tmp_path / "nope"), "train")
     with pytest.raises(FileNotFoundError, match="Point-BERT"):
         data.build_dataset("modelnet40_fewshot", str(tmp_path / "nope"), "train", way=5, shot=10, fold=0)
-    pytest.importorskip("h5py")                # the ScanObjectNN reader needs h5py before it looks for files
     with pytest.raises(FileNotFoundError, match="hkust-vgd.github.io/scanobjectnn"):
         data.build_dataset("scanobjectnn_pbt50rs", str(tmp_path / "nope"), "train")
 
@@ -996,6 +1055,46 @@ def test_corrupt_zip_member_and_truncated_zip(tmp_path, capsys):
     cut.write_bytes(bytes(raw[: len(raw) // 2]))
     with pytest.raises(data.DataFileError, match="not a readable zip"):
         data.build_dataset("modelnet40", str(cut), "train")
+
+
+def test_empty_and_truncated_point_files_are_named_and_skippable(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    files = {}
+    for k in range(3):
+        buf = io.BytesIO()
+        np.save(buf, rng.normal(size=(50, 3)).astype(np.float32))
+        files[f"cup/train/cup_{k:04d}.npy"] = buf.getvalue()
+    files["cup/train/cup_0003.npy"] = b""                                  # 0 bytes: an interrupted copy
+    files["cup/train/cup_0004.npy"] = files["cup/train/cup_0000.npy"][:100]  # cut inside the data
+    files["cup/train/cup_0005.txt"] = b""
+    files["cup/train/cup_0006.xyz"] = b"1 2 3\n4 5"                         # cut inside a row
+    folder = write_off_tree(tmp_path, files)
+    with pytest.raises(data.DataFileError, match=r"cup_0003\.npy: .*empty.*skip.bad") as e:
+        data.build_dataset("modelnet40", str(folder), "train", num_points=16)
+    assert "\n" not in str(e.value)
+    with pytest.warns(UserWarning) as rec:
+        ds = data.build_dataset("modelnet40", str(folder), "train", num_points=16, skip_bad=True)
+    msgs = " | ".join(str(w.message) for w in rec)
+    assert all(f"cup_000{k}." in msgs for k in (3, 4, 5, 6))
+    assert len(ds) == 3 and "skipped 4 bad file(s)" in capsys.readouterr().out
+
+
+def test_truncated_or_stale_cache_is_rebuilt(tmp_path):
+    folder = tiny_modelnet(tmp_path)
+    cache = tmp_path / "c"
+    first = data.build_dataset("modelnet40", str(folder), "train", num_points=16, cache_dir=str(cache))
+    npy, meta = cache / "modelnet40_train_16pts_fps_seed0.npy", cache / "modelnet40_train_16pts_fps_seed0.json"
+    whole = npy.read_bytes()
+    np.save(tmp_path / "other.npy", np.zeros((4, 8, 3), np.float32))
+    for damage in (lambda: npy.write_bytes(whole[: len(whole) - 40]),       # cut short
+                   lambda: npy.write_bytes(b""),                             # emptied
+                   lambda: npy.write_bytes((tmp_path / "other.npy").read_bytes()),   # another cache's file
+                   lambda: meta.write_text(meta.read_text()[:20])):          # the json cut short
+        damage()
+        with pytest.warns(UserWarning, match=r"modelnet40_train_16pts_fps_seed0.*rebuilding"):
+            again = data.build_dataset("modelnet40", str(folder), "train", num_points=16, cache_dir=str(cache))
+        np.testing.assert_array_equal(again.points, first.points)
+        assert npy.read_bytes() == whole
 
 
 def test_pool_build_equals_serial_build(tmp_path):
@@ -1071,6 +1170,18 @@ def test_download_via_build_dataset_uses_module_url(tmp_path, monkeypatch):
         assert len(ds) == 4 and (tmp_path / "dl.zip").exists()
     finally:
         server.close()
+
+
+def test_download_without_network_says_what_to_do(tmp_path):
+    with socket.socket() as s:                       # a port nobody listens on: the connection is refused
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/ModelNet40.zip"
+    root = tmp_path / "data" / "ModelNet40"
+    with pytest.raises(FileNotFoundError) as e:
+        data.build_modelnet40(str(root), "train", 8, download_missing=True, url=url)
+    msg = str(e.value)
+    assert "\n" not in msg and url in msg and str(root / "ModelNet40.zip") in msg and "by hand" in msg
+    assert not root.exists(), "nothing is left behind"
 
 
 # -- ShapeNet, ShapeNet-55, ScanObjectNN, few-shot ---------------------------------------------
@@ -1160,6 +1271,17 @@ def test_scanobjectnn_nan_sample_skipped_with_warning(tmp_path, capsys):
     with pytest.warns(UserWarning, match=r"\[1\]"):
         ds = data.build_dataset("scanobjectnn_objbg", str(tmp_path), "train", skip_bad=True)
     assert [ds[i][1] for i in range(len(ds))] == [0, 2] and "skipped 1" in capsys.readouterr().out
+
+
+def test_scanobjectnn_without_h5py_still_says_where_to_get_the_data(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "h5py", None)          # as if h5py were not installed
+    with pytest.raises(FileNotFoundError, match="hkust-vgd.github.io/scanobjectnn"):
+        data.build_dataset("scanobjectnn_pbt50rs", str(tmp_path / "nope"), "train")
+    h5 = tmp_path / "ScanObjectNN" / "h5_files" / "main_split" / "training_objectdataset.h5"
+    h5.parent.mkdir(parents=True)
+    h5.write_bytes(b"\x89HDF")
+    with pytest.raises(ImportError, match="pip install h5py"):      # the data is there: then the package is named
+        data.build_dataset("scanobjectnn_objbg", str(tmp_path / "ScanObjectNN"), "train")
 
 
 def test_fewshot_pickle(tmp_path):
@@ -1506,6 +1628,24 @@ def test_svm_command_end_to_end(tmp_path):
     assert {"svm_acc", "knn_acc"} <= set(rec["metrics"]) and "date" in rec
 
 
+def test_bad_or_missing_data_ends_in_a_message_and_skip_bad_skips(tmp_path):
+    pytest.importorskip("sklearn")
+    write_npy_tree(tmp_path / "mn")
+    (tmp_path / "mn" / "square" / "train" / "0001.npy").write_bytes(b"")        # an interrupted copy
+    results = tmp_path / "results.jsonl"
+    base = ["svm", "--random-init", "--preset", "tiny", "--data", "modelnet40", "--cache-dir", str(tmp_path / "cache"),
+            "--num-points", "128", "--patches", "8", "--patch-size", "8", "--results", str(results)]
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(base + ["--data-root", str(tmp_path / "nowhere")])
+    assert "nowhere" in str(e.value) and "--download" in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(base + ["--data-root", str(tmp_path / "mn")])
+    assert re.search(r"square/train/0001\.npy: .*--skip-bad", str(e.value)) and not results.exists()
+    with pytest.warns(UserWarning, match=r"0001\.npy"):
+        evaluate.main(base + ["--data-root", str(tmp_path / "mn"), "--skip-bad"])
+    assert json.loads(results.read_text())["metrics"]["train_size"] == 7
+
+
 def test_finetune_command_two_stage_end_to_end(tmp_path):
     write_npy_tree(tmp_path / "mn")
     results = tmp_path / "results.jsonl"
@@ -1555,6 +1695,22 @@ def test_export_and_plot_commands(tmp_path, capsys):
     assert "(2 evaluated snapshots)" in capsys.readouterr().out
 
 
+def test_plot_titles_name_the_dataset_of_the_records(tmp_path):
+    pytest.importorskip("matplotlib")
+    log = tmp_path / "log.jsonl"
+    log.write_text("\n".join(json.dumps({"step": s, "epoch": s, "loss": 1.0 / s}) for s in (1, 2)))
+    rec = lambda epoch, dataset, acc: json.dumps({"command": "svm", "checkpoint": str(tmp_path / f"epoch_{epoch:03d}.pt"),
+                                                  "dataset": dataset, "metrics": {"svm_acc": acc, "knn_acc": acc}})
+    results = tmp_path / "results.jsonl"
+    results.write_text("\n".join([rec(1, "scanobjectnn_objbg", 0.5), rec(2, "scanobjectnn_objbg", 0.6),
+                                  rec(2, "shapes", 0.9)]))
+    fig = evaluate.main(["plot", str(log), "--results", str(results), "--out", str(tmp_path / "c.png")])
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[:3] == ["scanobjectnn_objbg test accuracy (%)", "shapes test accuracy (%)", "loss"]
+    svm_line = fig.axes[0].get_lines()[0]
+    assert list(svm_line.get_xdata()) == [1, 2] and list(svm_line.get_ydata()) == [50, 60]   # the datasets never mix
+
+
 def test_table_groups_seeds_and_keeps_inputs_apart(tmp_path, capsys):
     def rec(tag, acc, points=1024, patches=64, size=32):
         return json.dumps({"command": "svm", "tag": tag, "metrics": {"svm_acc": acc, "knn_acc": acc / 2},
@@ -1596,7 +1752,7 @@ def test_fewshot_runs_every_requested_fold(tmp_path):
     assert r["last_acc_mean"] == pytest.approx(np.mean([f["last_acc"] for f in r["folds"]]))
     rec = json.loads(results.read_text().splitlines()[-1])
     assert rec["command"] == "fewshot" and rec["settings"]["folds"] == [0, 1]
-    with pytest.raises(FileNotFoundError, match="2.pkl"):     # fold 2 was never written
+    with pytest.raises(SystemExit, match="2.pkl"):            # fold 2 was never written: its name, no traceback
         evaluate.main(base + ["--folds", "2"])
 
 
