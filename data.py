@@ -113,6 +113,8 @@ def farthest_point_sample(points: np.ndarray, k: int, start=0) -> np.ndarray:
 def sample_surface(vertices: np.ndarray, faces: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     """n points uniform on the surface of a triangle mesh: a face with probability proportional to
     its area, then a uniform point in it. vertices (V, 3), faces (F, 3) -> (n, 3) float32."""
+    # NOTE: (departure 3) official samples with trimesh.sample.sample_surface; the same distribution,
+    # drawn by our own numpy code from a generator seeded per file.
     a, b, c = (vertices[faces[:, j]] for j in range(3))               # (F, 3) corners
     area = 0.5 * np.linalg.norm(np.cross(b - a, c - a), axis=1)      # (F,)
     cum = np.cumsum(area)
@@ -134,7 +136,7 @@ def resample(points: np.ndarray, n: int | None, sampling: str, rng: np.random.Ge
         return points
     if n > len(points):
         raise DataFileError(path, f"has {len(points)} points, {n} were requested")
-    if sampling == "fps":
+    if sampling == "fps":  # NOTE: (departure 3) official reduces on every load; here once, when the cache is built
         return points[farthest_point_sample(points, n, start=int(rng.integers(len(points))))]
     if sampling == "random":
         return points[np.sort(rng.choice(len(points), n, replace=False))]
@@ -1023,8 +1025,8 @@ def seed_worker(worker_id: int):
     (a new base_seed every epoch); seed python's and numpy's global streams from it, and re-create
     any `rng` Generator the dataset holds. Without the last step a Generator made in the parent
     is copied into every worker and they all draw the same numbers, as happens to the numpy Generator
-    each official transform holds (official asymdsd/data/transforms.py: RandomizedTransform).
-    Departure 2 (README)."""
+    each official transform holds (official asymdsd/data/transforms.py: RandomizedTransform)."""
+    # NOTE: (departure 2) official workers copy one numpy Generator each; here each worker has its own.
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
