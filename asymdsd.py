@@ -63,10 +63,10 @@ class Config:
     skip_bad: bool = False            # skip unreadable files with a warning and a count (default: stop)
     mode: str = "cls_mask"            # cls_mask (AsymDSD) | cls (invariance only) | mask (MPM only): training_mode
     # multi-crop (configs/data/ShapeNetCore-U.yaml: multi_crop_config; aspect: SampleCropPC's default)
-    num_global_crops: int = 2
+    num_global_crops: int | None = None   # None: the mode's (MODE_DEFAULTS): 2, or 1 in `mask` mode
     global_crop_scale: tuple = (0.4, 1.0)
     global_points: int = 1024
-    num_local_crops: int = 4
+    num_local_crops: int | None = None    # None: 4, or 0 in `mask` mode
     local_crop_scale: tuple = (0.05, 0.4)
     local_points: int = 256
     crop_aspect: tuple = (0.33, 3.0)
@@ -85,7 +85,7 @@ class Config:
     pos_hidden: int = 128
     # masking (ssrl_model.yaml: mask_generator, InverseBlockPatchMasking)
     mask_ratio: float = 0.7
-    num_masks: int = 4                # multi_mask; `--mode mask` uses 8 (variants/model/ssrl_model_mask.yaml)
+    num_masks: int | None = None      # multi_mask; None: 4, or 8 in `mask` mode
     block_ratio: float = 0.1
     adjust_ratio: float = 0.1
     # predictor (ssrl_model.yaml: predictor, a TransformerDecoderConfig)
@@ -127,6 +127,11 @@ class Config:
     snapshot_every: int = 0           # keep <out>/epoch_NNN.pt (teacher + config) every n epochs, for curves
     max_steps: int = 0                # stop after this many steps in total (0: run all epochs); for tests
 
+    def __post_init__(self):
+        for key, value in MODE_DEFAULTS.get(self.mode, MODE_DEFAULTS["cls_mask"]).items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+
 
 PRESETS = {
     # AsymDSD-S exactly as the official ShapeNet pretraining (the Config defaults).
@@ -148,13 +153,30 @@ PRESETS = {
 }
 
 
-MODE_OVERRIDES = {"mask": dict(num_masks=8)}  # variants/model/ssrl_model_mask.yaml: multi_mask 8
+# The crop and mask counts a mode implies. The `mask` variant (variants/model/ssrl_model_mask.yaml) has no
+# multi-crop, one global crop, and 8 masks (multi_mask); it replaces a preset's counts, as the official variant
+# file replaces the base config's. A value given explicitly (a flag, --set, a Config argument) wins over both.
+MODE_DEFAULTS = {"cls_mask": dict(num_global_crops=2, num_local_crops=4, num_masks=4),
+                 "cls": dict(num_global_crops=2, num_local_crops=4, num_masks=4),
+                 "mask": dict(num_global_crops=1, num_local_crops=0, num_masks=8)}
+
+
+def preset_settings(preset: str, mode: str | None = None) -> dict:
+    """A preset's settings for a mode: in `mask` mode the variant's crop and mask counts replace the preset's."""
+    settings = dict(PRESETS[preset])
+    if (mode or settings.get("mode")) == "mask":
+        settings.update(MODE_DEFAULTS["mask"], mode="mask")
+    return settings
 
 
 def config_from_dict(saved: dict) -> Config:
-    """The Config stored in a checkpoint (lists back to tuples; keys of older versions ignored)."""
+    """The Config stored in a checkpoint (lists back to tuples; keys of older versions ignored). A `mask`
+    run's crop counts are the mode's: make_views cuts one global crop and no local ones whatever they say."""
     names = {f.name for f in dataclasses.fields(Config)}
-    return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in names})
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in names}
+    if values.get("mode") == "mask":
+        values.update(num_global_crops=1, num_local_crops=0)
+    return Config(**values)
 
 
 def encoder_kwargs(cfg: Config) -> dict:
@@ -947,6 +969,92 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a word",
+              "tuple": "comma-separated numbers"}
+
+
+def validate(cfg: Config):
+    """Refuse a config that cannot train before any work starts: SystemExit with one line per problem."""
+    problems = []
+    for name, field in FIELDS.items():  # types first: the checks below compare numbers
+        value = getattr(cfg, name)
+        kind, _, optional = field.type.partition(" | ")
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = {"int": number and isinstance(value, int), "float": number, "bool": isinstance(value, bool),
+              "str": isinstance(value, str),
+              "tuple": isinstance(value, tuple) and len(value) == len(field.default or ())
+                       and all(isinstance(x, (int, float)) for x in value)}[kind]
+        if not (ok or (value is None and optional)):
+            size = f" of {len(field.default)}" if kind == "tuple" else ""
+            problems.append(f"{name}={value!r}: expected {TYPE_WORDS[kind]}{size}")
+    if problems:
+        raise SystemExit("these settings cannot train:\n  " + "\n  ".join(problems))
+
+    def need(ok: bool, text: str):
+        if not ok:
+            problems.append(text)
+
+    c = cfg
+    need(c.mode in MODE_DEFAULTS, f"mode={c.mode!r}: one of {', '.join(MODE_DEFAULTS)}")
+    need(c.predictor_attention in ("cross", "masked_self", "full_self"),
+         f"predictor_attention={c.predictor_attention!r}: one of cross, masked_self, full_self")
+    need(c.precision in ("auto", "fp32", "bf16", "fp16"), f"precision={c.precision!r}: one of auto, fp32, bf16, fp16")
+    for name in ("epochs", "batch_size", "global_points", "local_points", "global_patches", "local_patches",
+                 "patch_size", "embed_dim", "depth", "num_heads", "pos_hidden", "predictor_dim", "predictor_depth",
+                 "predictor_heads", "head_hidden", "head_bottleneck", "num_prototypes", "num_global_crops",
+                 "num_masks", "log_every", "lr", "student_temp", "mlp_ratio", "grad_clip", "source_points"):
+        value = getattr(c, name)
+        need(value is None or value > 0, f"{name}={value}: must be above 0")
+    for name in ("num_local_crops", "warmup_epochs", "temp_warmup_epochs", "num_workers", "ckpt_every",
+                 "snapshot_every", "max_steps", "lr_start", "lr_final", "weight_decay", "koleo_weight",
+                 "regression_weight"):
+        need(getattr(c, name) >= 0, f"{name}={getattr(c, name)}: must not be negative")
+    for name in ("global_crop_scale", "local_crop_scale", "crop_aspect", "scale_range",
+                 "teacher_temp_cls", "teacher_temp_patch"):
+        lo, hi = getattr(c, name)
+        need(0 < lo <= hi and (hi <= 1 or not name.endswith("crop_scale")),
+             f"{name}={lo},{hi}: expected 0 < low <= high" + (" <= 1" if name.endswith("crop_scale") else ""))
+    need(0 <= min(c.ema_momentum) <= max(c.ema_momentum) <= 1, f"ema_momentum={c.ema_momentum}: within [0, 1]")
+    need(0 <= min(c.betas) and max(c.betas) < 1, f"betas={c.betas}: within [0, 1)")
+    need(0 <= c.center_momentum <= 1, f"center_momentum={c.center_momentum}: within [0, 1]")
+    need(all(d > 0 for d in c.tokenizer_dims), f"tokenizer_dims={c.tokenizer_dims}: must be above 0")
+    need(c.embed_dim % c.num_heads == 0, f"embed_dim={c.embed_dim} is not a multiple of num_heads={c.num_heads}")
+    need(c.predictor_dim % c.predictor_heads == 0,
+         f"predictor_dim={c.predictor_dim} is not a multiple of predictor_heads={c.predictor_heads}")
+    crops = [("global", c.global_points, c.global_patches)]
+    if c.mode != "mask" and c.num_local_crops:
+        crops.append(("local", c.local_points, c.local_patches))
+    for name, points, patches in crops:
+        need(c.patch_size <= points, f"patch_size={c.patch_size}: more than the {points} points of a {name} crop "
+                                     f"({name}_points)")
+        need(patches <= points, f"{name}_patches={patches}: more than the {points} points of a {name} crop")
+    need(c.epochs >= c.warmup_epochs, f"epochs={c.epochs} is shorter than the lr warm-up (warmup_epochs="
+                                      f"{c.warmup_epochs}): raise --epochs or lower --set warmup_epochs")
+    need(c.epochs >= c.temp_warmup_epochs, f"epochs={c.epochs} is shorter than the teacher-temperature warm-up "
+                                           f"(temp_warmup_epochs={c.temp_warmup_epochs})")
+    if c.mode == "mask":
+        need(c.num_global_crops == 1, f"num_global_crops={c.num_global_crops}: the mask mode cuts one global crop")
+        need(c.num_local_crops == 0, f"num_local_crops={c.num_local_crops}: the mask mode cuts no local crops")
+    elif c.mode in MODE_DEFAULTS:
+        need(c.num_global_crops == 2, f"num_global_crops={c.num_global_crops}: the {c.mode} mode's CLS loss "
+                                      "compares two global crops")
+    if c.mode != "cls":
+        masked = round(c.mask_ratio * c.global_patches)
+        need(0 < masked < c.global_patches,
+             f"mask_ratio={c.mask_ratio} masks {masked} of the {c.global_patches} patches of a global crop: "
+             "the student needs at least one visible and one masked patch")
+        need(0 < c.block_ratio <= 1, f"block_ratio={c.block_ratio}: within (0, 1]")
+        need(c.adjust_ratio >= 0, f"adjust_ratio={c.adjust_ratio}: must not be negative")
+    if c.device != "auto":
+        try:
+            torch.device(c.device)
+        except RuntimeError:
+            problems.append(f"device={c.device!r}: expected auto, cpu, cuda or cuda:N")
+    if problems:
+        raise SystemExit("these settings cannot train:\n  " + "\n  ".join(problems))
+
+
 def save_checkpoint(path: str, state: dict):
     """Write atomically: a crash mid-write leaves the previous file intact."""
     tmp = f"{path}.tmp"
@@ -1023,7 +1131,8 @@ def setup_distributed(cfg: Config):
 
 def train(cfg: Config, resume: dict | None = None) -> str:
     """Pretrain AsymDSD, or continue the run whose checkpoint dict is `resume`; returns the path of
-    the last checkpoint."""
+    the last checkpoint. The config is validated first."""
+    validate(cfg)
     rank, world, device = setup_distributed(cfg)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank; augmentation streams differ (gen)
     dataset = build_data(cfg)
@@ -1139,40 +1248,47 @@ def train(cfg: Config, resume: dict | None = None) -> str:
     return ckpt_path
 
 
-def parse_value(text: str, default):
-    """Parse a --set value by the type of the Config default."""
-    if isinstance(default, bool):
-        return text.lower() in ("1", "true", "yes")
-    if isinstance(default, tuple):
-        return tuple(type(default[0])(v) for v in text.split(","))
-    if default is None:
-        return None if text.lower() == "none" else (int(text) if text.isdigit() else text)
-    return type(default)(text)
+# The command line: flags name the common settings, --set any Config field. A new run's settings are
+# Config defaults <- the preset <- the mode's crop and mask counts (in `mask` mode) <- flags <- --set.
+
+VALUE_FLAGS = ("data", "data_root", "mode", "epochs", "batch_size", "lr", "out", "device", "precision", "seed",
+               "num_workers", "max_steps", "log_every")
+SWITCHES = ("compile", "download", "skip_bad")
+
+def parse_value(key: str, text: str):
+    """A --set value, parsed by the type of its Config field."""
+    field = FIELDS[key]
+    kind, _, optional = field.type.partition(" | ")
+    if optional and text.lower() == "none":
+        return None
+    try:
+        if kind == "bool":
+            return {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}[text.lower()]
+        if kind == "tuple":
+            return tuple(type(field.default[0])(v) for v in text.split(","))
+        return {"int": int, "float": float, "str": str}[kind](text)
+    except (KeyError, ValueError):
+        example = ",".join(map(str, field.default)) if kind == "tuple" else None
+        raise SystemExit(f"--set {key}={text}: {key} takes {TYPE_WORDS[kind]}"
+                         + (f", e.g. {key}={example}" if example else "")) from None
+
+
+def given_settings(args) -> dict:
+    """The settings this command line names: its value flags and switches, then every --set key=value."""
+    given = {k: getattr(args, k) for k in VALUE_FLAGS if getattr(args, k) is not None}
+    given.update({k: True for k in SWITCHES if getattr(args, k)})
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or key not in FIELDS:
+            raise SystemExit(f"--set {item!r}: expected key=value with key one of: {', '.join(FIELDS)}")
+        given[key] = parse_value(key, value)
+    return given
 
 
 def build_config(args) -> Config:
-    """Defaults (AsymDSD-S) <- preset <- mode overrides <- explicit flags <- --set key=value."""
-    cfg = Config(**PRESETS[args.preset])
-    cfg = dataclasses.replace(cfg, mode=args.mode or cfg.mode)
-    cfg = dataclasses.replace(cfg, **MODE_OVERRIDES.get(cfg.mode, {}))
-    flags = {"data": args.data, "data_root": args.data_root, "epochs": args.epochs, "batch_size": args.batch_size,
-             "out": args.out, "device": args.device, "seed": args.seed, "precision": args.precision,
-             "lr": args.lr, "num_workers": args.num_workers, "max_steps": args.max_steps,
-             "log_every": args.log_every}
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
-    if args.compile:
-        cfg.compile = True
-    if args.download:
-        cfg.download = True
-    if args.skip_bad:
-        cfg.skip_bad = True
-    fields = {f.name: f for f in dataclasses.fields(Config)}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep or key not in fields:
-            raise SystemExit(f"--set {item!r}: expected key=value with key one of: {', '.join(fields)}")
-        setattr(cfg, key, parse_value(value, getattr(cfg, key)))
-    return cfg
+    """A new run's Config: the preset (and the mode's crop and mask counts) under the command line's settings."""
+    given = given_settings(args)
+    return Config(**{**preset_settings(args.preset or "paper", given.get("mode")), **given})
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -685,6 +685,58 @@ def test_two_process_gloo_torchrun(tmp_path):
     assert not torch.equal(g0, g1), "each rank draws its own crops"
 
 
+def test_every_route_to_a_mode_gives_the_same_config():
+    """--mode, --set mode=, Config(mode=) and a preset under them: one run per meaning."""
+    def cfg(*argv):
+        return A.build_config(A.build_parser().parse_args(list(argv)))
+
+    mask = [cfg("--mode", "mask"), cfg("--set", "mode=mask"), A.Config(mode="mask"), cfg("--preset", "paper", "--mode", "mask")]
+    assert all(c == mask[0] for c in mask)
+    assert (mask[0].num_masks, mask[0].num_global_crops, mask[0].num_local_crops) == (8, 1, 0)   # the official variant
+    tiny_mask = [cfg("--preset", "tiny", "--mode", "mask"), cfg("--preset", "tiny", "--set", "mode=mask")]
+    assert tiny_mask[0] == tiny_mask[1] and (tiny_mask[0].num_masks, tiny_mask[0].embed_dim) == (8, 96)
+    assert cfg("--preset", "tiny").num_masks == 2 and cfg("--preset", "tiny").num_local_crops == 2
+    assert cfg("--preset", "tiny", "--mode", "mask", "--set", "num_masks=3").num_masks == 3   # explicit wins
+    assert cfg() == A.Config() and (A.Config().num_masks, A.Config().num_local_crops) == (4, 4)
+    assert A.Config(mode="cls").num_global_crops == 2
+    for c in [*mask, *tiny_mask, A.Config(), cfg("--preset", "tiny")]:
+        A.validate(c)
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--epochs", "0"], "epochs=0"),
+    (["--epochs", "5"], "warmup_epochs=10"),                     # the paper's lr warm-up is 10 epochs
+    (["--preset", "tiny", "--epochs", "3", "--set", "temp_warmup_epochs=4"], "temp_warmup_epochs=4"),
+    (["--batch-size", "0"], "batch_size=0"),
+    (["--lr=-0.001"], "lr=-0.001"),
+    (["--set", "mask_ratio=1.0"], "mask_ratio=1.0"),
+    (["--set", "patch_size=2000"], "patch_size=2000"),
+    (["--mode", "mask", "--set", "num_local_crops=2"], "num_local_crops=2"),
+    (["--set", "num_global_crops=3"], "num_global_crops=3"),
+    (["--set", "embed_dim=100"], "num_heads=6"),
+    (["--set", "global_crop_scale=0.4"], "global_crop_scale"),
+    (["--set", "ema_momentum=0.9,1.5"], "ema_momentum"),
+    (["--set", "num_masks=abc"], "num_masks=abc"),
+    (["--set", "compile=perhaps"], "compile=perhaps"),
+])
+def test_impossible_settings_are_refused_before_any_work(tmp_path, monkeypatch, argv, named):
+    out = tmp_path / "run"
+    monkeypatch.setattr(A, "build_data", lambda cfg: pytest.fail("the run started"))
+    with pytest.raises(SystemExit) as e:
+        A.main(["--data", "shapes", "--device", "cpu", "--out", str(out), *argv])
+    assert named in str(e.value), str(e.value)
+    assert not out.exists(), "nothing is written"
+
+
+def test_validate_lists_every_problem_on_its_own_line():
+    with pytest.raises(SystemExit) as e:
+        A.validate(A.Config(epochs=0, batch_size=0, mask_ratio=1.0, mode="masked"))
+    lines = str(e.value).splitlines()[1:]
+    named = ["mode='masked'", "epochs=0: must", "batch_size=0", "warmup_epochs=10", "temp_warmup_epochs=10",
+             "mask_ratio=1.0"]
+    assert len(lines) == len(named) and all(any(n in line for line in lines) for n in named), lines
+
+
 # ----------------------------------------------------------------------------------------------
 # 12. Official checkpoints: the official state_dict layout -> these modules, one key map
 # ----------------------------------------------------------------------------------------------
