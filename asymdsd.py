@@ -1134,6 +1134,8 @@ def train(cfg: Config, resume: dict | None = None) -> str:
     the last checkpoint. The config is validated first."""
     validate(cfg)
     rank, world, device = setup_distributed(cfg)
+    if rank == 0:
+        print(json.dumps(dataclasses.asdict(cfg)))
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank; augmentation streams differ (gen)
     dataset = build_data(cfg)
     steps_per_epoch = len(dataset) // (cfg.batch_size * world)
@@ -1158,16 +1160,24 @@ def train(cfg: Config, resume: dict | None = None) -> str:
     step = 0
     os.makedirs(cfg.out, exist_ok=True)
     ckpt_path = os.path.join(cfg.out, "last.pt")
+    log_path = os.path.join(cfg.out, "log.jsonl")
     if resume:
         load_checked(model.student, resume["student"], "the checkpoint's student")
         load_checked(model.teacher, resume["teacher"], "the checkpoint's teacher")
         optimizer.load_state_dict(resume["optimizer"])
-        scaler.load_state_dict(resume["scaler"])
+        if resume["scaler"]:  # empty when the checkpoint's run had no fp16 loss scaling: a new scaler starts
+            scaler.load_state_dict(resume["scaler"])
         states = resume["generator"]
         gen.set_state((states[rank] if isinstance(states, list) else states).cpu())
         step = resume["step"]
-        if rank == 0:
-            print(f"resumed at step {step}")
+        if step > cfg.epochs * steps_per_epoch:
+            raise SystemExit(f"the checkpoint is at step {step}, past the end of {cfg.epochs} epochs "
+                             f"({cfg.epochs * steps_per_epoch} steps); give a larger --epochs")
+        if step >= total_steps:
+            if rank == 0:
+                print(f"the checkpoint is at step {step}, the end of this run ({total_steps} steps): nothing to "
+                      "train; a larger --epochs trains on")
+            return ckpt_path
     net = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -1188,7 +1198,10 @@ def train(cfg: Config, resume: dict | None = None) -> str:
 
     import data
     from tqdm import tqdm
-    log = open(os.path.join(cfg.out, "log.jsonl"), "a") if rank == 0 else None
+    log = open(log_path, "a") if rank == 0 else None
+    if rank == 0:
+        snapshots = f", teacher snapshots epoch_NNN.pt every {cfg.snapshot_every} epochs" if cfg.snapshot_every else ""
+        print(f"run folder {cfg.out}: log {log_path}, checkpoint {ckpt_path}{snapshots}", flush=True)
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="pretrain", dynamic_ncols=True)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     window_t, window_n = time.perf_counter(), 0
@@ -1245,6 +1258,8 @@ def train(cfg: Config, resume: dict | None = None) -> str:
             log.close()
         if world > 1:
             dist.destroy_process_group()
+    if rank == 0:
+        print(f"finished at step {step}: checkpoint {ckpt_path}, log {log_path}")
     return ckpt_path
 
 
@@ -1254,6 +1269,12 @@ def train(cfg: Config, resume: dict | None = None) -> str:
 VALUE_FLAGS = ("data", "data_root", "mode", "epochs", "batch_size", "lr", "out", "device", "precision", "seed",
                "num_workers", "max_steps", "log_every")
 SWITCHES = ("compile", "download", "skip_bad")
+
+# What a resumed run may change: where and how fast it runs, how often it logs and saves, how long it goes
+# on. Every other setting defines what the run trains, and --resume refuses a new value for it.
+RESUME_MAY_CHANGE = ("epochs", "max_steps", "device", "precision", "compile", "num_workers", "log_every",
+                     "ckpt_every", "snapshot_every", "out", "data_root", "download", "skip_bad")
+
 
 def parse_value(key: str, text: str):
     """A --set value, parsed by the type of its Config field."""
@@ -1291,30 +1312,120 @@ def build_config(args) -> Config:
     return Config(**{**preset_settings(args.preset or "paper", given.get("mode")), **given})
 
 
+def flag_text(key: str, value, args) -> str:
+    """How this command line said `key` = `value`: by its flag, or by --set."""
+    shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+    by_set = any(item.partition("=")[0] == key for item in args.set)
+    return f"--{key.replace('_', '-')} {shown}" if key in VALUE_FLAGS and not by_set else f"--set {key}={shown}"
+
+
+def unreadable_kind(path: str, error: Exception) -> str:
+    """What a file is that torch.load(weights_only=True) cannot read."""
+    import re
+    import zipfile
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not zipfile.is_zipfile(path):
+        return "a damaged or truncated PyTorch file" if head == b"PK\x03\x04" else "not a PyTorch file" if head else "empty"
+    with zipfile.ZipFile(path) as z:
+        pickled = b"".join(z.read(n) for n in z.namelist() if n.endswith("data.pkl"))
+    if b"pytorch-lightning_version" in pickled:
+        return "a PyTorch Lightning checkpoint (such as the official AsymDSD code writes)"
+    found = re.search(r"GLOBAL (\S+)", str(error))
+    return f"a PyTorch file holding Python objects ({found.group(1) if found else type(error).__name__})"
+
+
+def read_checkpoint(path: str) -> dict:
+    """The checkpoint of an asymdsd.py run at `path`, or SystemExit naming the file and what it is.
+    weights_only: such a checkpoint holds tensors and plain Python values only, so nothing in a foreign
+    file is executed."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"--resume: no checkpoint at {path}" + (" (a folder)" if os.path.isdir(path) else ""))
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        what = unreadable_kind(path, e)
+    else:
+        keys = set(ckpt) if isinstance(ckpt, dict) else set()
+        if {"student", "teacher", "optimizer", "scaler", "generator", "step", "config"} <= keys:
+            return ckpt
+        what = ("a teacher snapshot (epoch_NNN.pt: no student, optimizer or data position)" if {"teacher", "config"} <= keys
+                else "an exported encoder (evaluate.py export)" if {"config", "state_dict"} <= keys
+                else "a PyTorch Lightning checkpoint" if "state_dict" in keys
+                else f"a PyTorch file holding {sorted(map(str, keys))[:6] if keys else type(ckpt).__name__}")
+    raise SystemExit(f"--resume {path}: this is {what}, not a checkpoint of an asymdsd.py run. "
+                     "--resume continues a run from its <out>/last.pt")
+
+
+def resume_config(saved: Config, args, path: str, step: int) -> Config:
+    """The checkpoint's settings with the changes this command line may make to a resumed run
+    (RESUME_MAY_CHANGE): printed, one per line. Any other setting that differs, given by a flag, --set
+    or --preset, is refused with SystemExit naming it, its checkpoint value and the new one.
+    --max-steps belongs to one invocation: a resumed run goes on to the end unless it is given again.
+    Without --out the run goes on in the checkpoint's folder."""
+    given = {"max_steps": 0, **given_settings(args)}
+    folder = os.path.dirname(os.path.abspath(path))
+    if "out" not in given and os.path.abspath(saved.out) != folder:
+        given["out"] = folder
+    refused = [f"{flag_text(k, v, args)} (the checkpoint's: {getattr(saved, k)!r})" for k, v in given.items()
+               if k not in RESUME_MAY_CHANGE and v != getattr(saved, k)]
+    if args.preset:
+        clash = [f"{k}={v!r} (the checkpoint's: {getattr(saved, k)!r})"
+                 for k, v in preset_settings(args.preset, given.get("mode", saved.mode)).items()
+                 if k not in given and k not in RESUME_MAY_CHANGE and v != getattr(saved, k)]
+        if clash:
+            refused.append(f"--preset {args.preset}: " + ", ".join(clash))
+    if refused:
+        raise SystemExit(f"--resume {path} continues that run and cannot change what it trains; these differ from "
+                         "its settings:\n  " + "\n  ".join(refused) +
+                         "\nDrop them to continue the run, or start a new run in another --out.")
+    changes = {k: v for k, v in given.items() if v != getattr(saved, k)}
+    lines = [f"resuming {path} at step {step}"]
+    for k, v in changes.items():
+        lines.append(f"  {k}: {getattr(saved, k)!r} -> {v!r}")
+    if "epochs" in changes:
+        lines.append(f"  the lr, EMA and teacher-temperature schedules are rebuilt for {changes['epochs']} epochs: "
+                     f"the next steps follow them, steps 1-{step} followed the {saved.epochs}-epoch ones")
+    if int(os.environ.get("RANK", 0)) == 0:
+        print("\n".join(lines))
+    return dataclasses.replace(saved, **changes)
+
+
+def default_text(key: str) -> str:
+    """' (default: 300; tiny preset: 19)': a flag's Config default and any preset's own value, for --help."""
+    base = getattr(Config(), key)
+    own = [f"{name} preset: {values[key]}" for name, values in PRESETS.items() if values.get(key, base) != base]
+    return f" (default: {'; '.join([str(base), *own])})"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="AsymDSD self-supervised pretraining on point clouds",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", help="dataset: modelnet40, shapenet, shapenet55, shapes (procedural, no download), ...")
-    p.add_argument("--data-root", help="dataset folder or archive (default data/<dataset>)")
+    p = argparse.ArgumentParser(description="AsymDSD self-supervised pretraining on point clouds")
+    d = default_text
+    p.add_argument("--data", help="dataset: modelnet40, shapenet, shapenet55, shapes (procedural, no download), ..."
+                                  + d("data"))
+    p.add_argument("--data-root", help="dataset folder or archive (default: data/<dataset>)")
     p.add_argument("--download", action="store_true", help="download ModelNet40 if it is missing")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable shapes (warned, counted) instead of stopping")
-    p.add_argument("--preset", default="paper", choices=sorted(PRESETS),
-                   help="paper = AsymDSD-S as the official code; tiny = small model for CPU")
-    p.add_argument("--mode", choices=["cls_mask", "cls", "mask"],
-                   help="cls_mask = AsymDSD (default); cls = invariance only; mask = MPM only")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, help="per GPU/process")
-    p.add_argument("--lr", type=float, help="peak learning rate (official 5e-4 at batch 128, not scaled)")
-    p.add_argument("--out", help="output folder for log.jsonl and last.pt")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="paper = AsymDSD-S as the official code; tiny = small model for CPU (default: paper)")
+    p.add_argument("--mode", choices=list(MODE_DEFAULTS),
+                   help="cls_mask = AsymDSD; cls = invariance only; mask = MPM only" + d("mode"))
+    p.add_argument("--epochs", type=int, help="training epochs" + d("epochs"))
+    p.add_argument("--batch-size", type=int, help="per GPU/process" + d("batch_size"))
+    p.add_argument("--lr", type=float, help="peak learning rate, not scaled with the batch as in the official code"
+                                            + d("lr"))
+    p.add_argument("--out", help="run folder for log.jsonl and last.pt" + d("out"))
     p.add_argument("--resume", nargs="?", const="auto",
-                   help="continue from a checkpoint (default <out>/last.pt); its config is used")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:1")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+                   help="continue from a checkpoint (without PATH: <out>/last.pt) with its settings; flags may change "
+                        "only " + ", ".join(RESUME_MAY_CHANGE))
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1" + d("device"))
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 on CUDA where supported, else fp16; fp32 on CPU" + d("precision"))
     p.add_argument("--compile", action="store_true", help="torch.compile the model (faster steps, slow start)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--num-workers", type=int, help="DataLoader workers per process")
-    p.add_argument("--max-steps", type=int, help="stop after this many steps in total")
-    p.add_argument("--log-every", type=int, help="steps between log lines (each costs one host sync)")
+    p.add_argument("--seed", type=int, help="weights, data order and augmentation" + d("seed"))
+    p.add_argument("--num-workers", type=int, help="DataLoader workers per process" + d("num_workers"))
+    p.add_argument("--max-steps", type=int, help="stop after this many steps in total (0: all epochs)" + d("max_steps"))
+    p.add_argument("--log-every", type=int, help="steps between log lines (each costs one host sync)" + d("log_every"))
     p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                    help="override any Config field, e.g. --set num_masks=1 predictor_attention=masked_self "
                         "(repeatable: every --set applies)")
@@ -1323,19 +1434,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    cfg = build_config(args)
     resume = None
     if args.resume:  # the checkpoint is read once, here: its config, then its state in train()
-        path = os.path.join(cfg.out, "last.pt") if args.resume == "auto" else args.resume
-        if not os.path.exists(path):
-            raise SystemExit(f"--resume: no checkpoint at {path}")
-        resume = torch.load(path, map_location="cpu", weights_only=False)
-        print(f"resuming from {path}")
-        keep = {k: getattr(cfg, k) for k in ("device", "num_workers", "out", "max_steps", "log_every", "compile",
-                                              "data_root")}
-        cfg = dataclasses.replace(config_from_dict(resume["config"]), **keep)
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(json.dumps(dataclasses.asdict(cfg)))
+        path = os.path.join(given_settings(args).get("out", Config.out), "last.pt") if args.resume == "auto" else args.resume
+        resume = read_checkpoint(path)
+        cfg = resume_config(config_from_dict(resume["config"]), args, path, resume["step"])
+    else:
+        cfg = build_config(args)
     try:
         train(cfg, resume)
     except (FloatingPointError, FileNotFoundError, ValueError) as e:

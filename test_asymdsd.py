@@ -737,6 +737,85 @@ def test_validate_lists_every_problem_on_its_own_line():
     assert len(lines) == len(named) and all(any(n in line for line in lines) for n in named), lines
 
 
+def test_help_shows_real_defaults():
+    text = A.build_parser().format_help()
+    assert "None" not in text
+    assert re.search(r"--epochs EPOCHS\s+training epochs \(default: 300; tiny preset: 19\)", text)
+
+
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # CPU fp16 rms_norm: unfused path
+def test_resume_applies_allowed_changes_and_refuses_the_rest(tmp_path, capsys):
+    root = write_modelnet_folder(tmp_path / "mn")                  # 4 steps per epoch
+    out = tmp_path / "run"
+    A.main(cli(root, out, "--max-steps", "2"))
+    printed = capsys.readouterr().out
+    assert f"run folder {out}" in printed and "finished at step 2" in printed and str(out / "last.pt") in printed
+    last = str(out / "last.pt")
+    # Settings that define the run: refused, each named with both values; nothing runs.
+    with pytest.raises(SystemExit) as e:
+        A.main(["--resume", last, "--lr", "0.01", "--data", "shapes", "--set", "num_masks=1", "seed=3"])
+    msg = str(e.value)
+    for text in ("--lr 0.01 (the checkpoint's: 0.0005)", "--data shapes (the checkpoint's: 'modelnet40')",
+                 "--set num_masks=1 (the checkpoint's: 2)", "--set seed=3 (the checkpoint's: 0)"):
+        assert text in msg, msg
+    with pytest.raises(SystemExit, match=r"--preset tiny: embed_dim=96 \(the checkpoint's: 32\)"):
+        A.main(["--resume", last, "--preset", "tiny"])
+    assert [r["step"] for r in read_log(out)] == [1, 2]
+    # How the run goes on may change: here fp16 loss scaling starts mid-run, for one more step.
+    capsys.readouterr()
+    A.main(["--resume", last, "--precision", "fp16", "--max-steps", "3"])
+    printed = capsys.readouterr().out
+    assert "precision: 'auto' -> 'fp16'" in printed and "max_steps: 2 -> 3" in printed
+    # No flags: the checkpoint's own settings (num_workers 0, device cpu, fp16), not the paper defaults
+    # (8, auto, auto); the stop step of the last invocation is dropped; more epochs: applied, and said so.
+    A.main(["--resume", last, "--epochs", "3", "--log-every", "2"])
+    printed = capsys.readouterr().out
+    assert "epochs: 2 -> 3" in printed and "rebuilt for 3 epochs" in printed and "log_every: 1 -> 2" in printed
+    assert "max_steps: 3 -> 0" in printed
+    run = json.loads(next(line for line in printed.splitlines() if line.startswith("{")))
+    assert (run["num_workers"], run["device"], run["precision"], run["epochs"], run["num_masks"]) == (
+        0, "cpu", "fp16", 3, 2)
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["step"] == 12 and ckpt["config"]["epochs"] == 3 and ckpt["scaler"]
+    assert [r["step"] for r in read_log(out)] == [1, 2, 3, 4, 6, 8, 10, 12]
+    A.main(["--resume", last])                                      # at its end: says so, trains nothing
+    assert "nothing to train" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="past the end of 2 epochs"):
+        A.main(["--resume", last, "--epochs", "2"])
+
+
+class _LightningState(dict):
+    """Stands in for the hyper-parameter objects a Lightning checkpoint pickles."""
+
+
+def test_resume_names_files_that_are_not_run_checkpoints(tmp_path):
+    torch.save({"a": torch.zeros(1000)}, tmp_path / "whole.pt")
+    whole = (tmp_path / "whole.pt").read_bytes()
+    files = {
+        "random.pt": (os.urandom(2000), "not a PyTorch file"),
+        "truncated.pt": (whole[: len(whole) // 2], "damaged or truncated"),
+        "empty.pt": (b"", "empty"),
+        "official.ckpt": ({"state_dict": {"teacher.point_encoder.cls_token": torch.zeros(1, 1, 8)}, "epoch": 3,
+                           "pytorch-lightning_version": "2.4.0", "hyper_parameters": _LightningState(lr=1)},
+                          "Lightning checkpoint"),
+        "plain.ckpt": ({"state_dict": {"teacher.point_encoder.cls_token": torch.zeros(1, 1, 8)}},
+                       "Lightning checkpoint"),
+        "encoder.pt": ({"config": {"dim": 8}, "state_dict": {"tokenizer.w": torch.zeros(1)}}, "exported encoder"),
+        "epoch_001.pt": ({"teacher": {}, "config": {}, "step": 4}, "teacher snapshot"),
+        "other.pt": ({"weights": torch.zeros(1)}, "['weights']"),
+    }
+    for name, (content, kind) in files.items():
+        path = tmp_path / name
+        path.write_bytes(content) if isinstance(content, bytes) else torch.save(content, path)
+        with pytest.raises(SystemExit) as e:
+            A.main(["--resume", str(path), "--out", str(tmp_path / "run")])
+        assert str(path) in str(e.value) and kind in str(e.value), (name, str(e.value))
+        assert "not a checkpoint of an asymdsd.py run" in str(e.value)
+    with pytest.raises(SystemExit, match="a folder"):
+        A.main(["--resume", str(tmp_path)])
+    assert not (tmp_path / "run").exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # 12. Official checkpoints: the official state_dict layout -> these modules, one key map
 # ----------------------------------------------------------------------------------------------
