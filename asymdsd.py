@@ -1056,10 +1056,44 @@ def validate(cfg: Config):
 
 
 def save_checkpoint(path: str, state: dict):
-    """Write atomically: a crash mid-write leaves the previous file intact."""
+    """Write atomically: a failure mid-write (a full disk, Ctrl-C) leaves the previous file intact and no .tmp."""
     tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            kept = f"the previous {os.path.basename(path)} is kept" if os.path.exists(path) else "none was written before"
+            raise OSError(f"cannot write {path} ({e.strerror or e}); {kept}. "
+                          "Free space there, or resume with another --out") from e
+        raise
+
+
+def lock_run_folder(out: str) -> int:
+    """Create `out` and hold an exclusive lock on <out>/run.lock while this process trains, so a second run
+    started on the same folder is refused at once with the first one's pid, host and start time. The OS
+    releases the lock when the process ends, however it ends: a crashed run leaves nothing stuck.
+    Returns the file descriptor; closing it releases the lock."""
+    import fcntl
+    import socket
+    path = os.path.join(out, "run.lock")
+    try:
+        os.makedirs(out, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise SystemExit(f"--out {out}: cannot write there ({e.strerror}); choose a writable folder") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 400).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise SystemExit(f"--out {out} is in use by a run that is still going ({holder}); "
+                         "wait for it to end, or choose another --out") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+    return fd
 
 
 def check_batch(points: torch.Tensor, index: torch.Tensor, dataset):
@@ -1131,11 +1165,23 @@ def setup_distributed(cfg: Config):
 
 def train(cfg: Config, resume: dict | None = None) -> str:
     """Pretrain AsymDSD, or continue the run whose checkpoint dict is `resume`; returns the path of
-    the last checkpoint. The config is validated first."""
+    the last checkpoint. The config is validated first; the run folder is locked while it trains
+    (by rank 0 under DDP)."""
     validate(cfg)
+    rank0 = int(os.environ.get("RANK", 0)) == 0
+    lock = lock_run_folder(cfg.out) if rank0 else None
+    try:
+        if rank0:
+            print(json.dumps(dataclasses.asdict(cfg)))
+        return pretrain(cfg, resume)
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def pretrain(cfg: Config, resume: dict | None = None) -> str:
+    """The training run of train(): data, model, optimizer, the loop, checkpoints and logs."""
     rank, world, device = setup_distributed(cfg)
-    if rank == 0:
-        print(json.dumps(dataclasses.asdict(cfg)))
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank; augmentation streams differ (gen)
     dataset = build_data(cfg)
     steps_per_epoch = len(dataset) // (cfg.batch_size * world)
@@ -1157,8 +1203,7 @@ def train(cfg: Config, resume: dict | None = None) -> str:
     # All augmentation/masking randomness comes from this generator: saved, so resume is exact.
     # NOTE: (departure 2) official DataLoader workers copy one numpy stream each; here every rank has its own.
     gen = torch.Generator(device).manual_seed(cfg.seed * 7919 + rank)
-    step = 0
-    os.makedirs(cfg.out, exist_ok=True)
+    step = saved_step = 0
     ckpt_path = os.path.join(cfg.out, "last.pt")
     log_path = os.path.join(cfg.out, "log.jsonl")
     if resume:
@@ -1169,7 +1214,7 @@ def train(cfg: Config, resume: dict | None = None) -> str:
             scaler.load_state_dict(resume["scaler"])
         states = resume["generator"]
         gen.set_state((states[rank] if isinstance(states, list) else states).cpu())
-        step = resume["step"]
+        step = saved_step = resume["step"]
         if step > cfg.epochs * steps_per_epoch:
             raise SystemExit(f"the checkpoint is at step {step}, past the end of {cfg.epochs} epochs "
                              f"({cfg.epochs * steps_per_epoch} steps); give a larger --epochs")
@@ -1186,6 +1231,7 @@ def train(cfg: Config, resume: dict | None = None) -> str:
         net = torch.compile(net)
 
     def checkpoint():
+        nonlocal saved_step
         states = [gen.get_state()]
         if world > 1:  # each rank's augmentation stream, so every rank resumes exactly
             states = [None] * world
@@ -1195,6 +1241,7 @@ def train(cfg: Config, resume: dict | None = None) -> str:
                                         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                                         "generator": states if world > 1 else states[0], "step": step,
                                         "config": dataclasses.asdict(cfg)})
+        saved_step = step
 
     import data
     from tqdm import tqdm
@@ -1239,8 +1286,11 @@ def train(cfg: Config, resume: dict | None = None) -> str:
                            "samples_per_s": round(window_n / elapsed, 2), "peak_mem_mb": round(peak_memory_mb(device), 1)}
                     window_t, window_n = time.perf_counter(), 0
                     if log:
-                        log.write(json.dumps(rec) + "\n")
-                        log.flush()
+                        try:
+                            log.write(json.dumps(rec) + "\n")
+                            log.flush()
+                        except OSError as e:
+                            raise OSError(f"cannot write {log_path} ({e.strerror or e})") from e
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")
                 if save_now:
                     checkpoint()
@@ -1252,6 +1302,9 @@ def train(cfg: Config, resume: dict | None = None) -> str:
                     break
         if world > 1:  # rank 0 may still be writing the last checkpoint: all ranks shut down together
             dist.barrier()
+    except KeyboardInterrupt:
+        last_ckpt = f"the last checkpoint is {ckpt_path} (step {saved_step})" if saved_step else "no checkpoint yet"
+        raise KeyboardInterrupt(f"interrupted at step {step}; {last_ckpt}") from None
     finally:
         bar.close()
         if log:
@@ -1443,8 +1496,12 @@ def main(argv=None):
         cfg = build_config(args)
     try:
         train(cfg, resume)
-    except (FloatingPointError, FileNotFoundError, ValueError) as e:
-        # Bad input and a diverged run end with the message alone, not a stack trace.
+    except KeyboardInterrupt as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(str(e) or "interrupted before the first step", file=sys.stderr)
+        raise SystemExit(130) from None
+    except (FloatingPointError, FileNotFoundError, ValueError, OSError) as e:
+        # Bad input, a diverged run and a failed write end with the message alone, not a stack trace.
         raise SystemExit(f"error: {e}")
 
 

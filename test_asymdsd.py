@@ -816,6 +816,87 @@ def test_resume_names_files_that_are_not_run_checkpoints(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_unwritable_out_folder_is_named(tmp_path, monkeypatch):
+    import errno
+    root = write_modelnet_folder(tmp_path / "mn")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match=r"--out .*file/run: cannot write there \(Not a directory\)"):
+        A.main(cli(root, tmp_path / "file" / "run"))
+    read_only, real_open = tmp_path / "ro", os.open        # root may write anywhere: the OS's answer is faked
+    read_only.mkdir()
+
+    def refuse(path, *args, **kw):
+        if str(path).startswith(str(read_only)):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, *args, **kw)
+
+    monkeypatch.setattr(os, "open", refuse)
+    with pytest.raises(SystemExit, match=r"--out .*ro: cannot write there \(Read-only file system\)"):
+        A.main(cli(root, read_only))
+    assert list(read_only.iterdir()) == []
+
+
+def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    import errno
+    root = write_modelnet_folder(tmp_path / "mn")
+    real_save, calls = torch.save, []
+
+    def fill_disk(obj, f, *args, **kw):      # the second checkpoint (step 8) runs out of space half-way
+        calls.append(f)
+        if len(calls) < 2:
+            return real_save(obj, f, *args, **kw)
+        Path(f).write_bytes(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", fill_disk)
+    with pytest.raises(SystemExit) as e:
+        A.main(cli(root, tmp_path / "run"))
+    assert "No space left on device" in str(e.value) and "the previous last.pt is kept" in str(e.value)
+    assert str(tmp_path / "run" / "last.pt") in str(e.value)
+    assert not list((tmp_path / "run").glob("*.tmp"))
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 4
+
+
+def test_ctrl_c_ends_with_one_line_and_status_130(tmp_path, monkeypatch, capsys):
+    root = write_modelnet_folder(tmp_path / "mn")
+    real, calls = A.train_step, []
+
+    def interrupted_at_step_6(*args, **kw):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(A, "train_step", interrupted_at_step_6)
+    with pytest.raises(SystemExit) as e:
+        A.main(cli(root, tmp_path / "run"))
+    assert e.value.code == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"interrupted at step 5; the last checkpoint is {tmp_path / 'run' / 'last.pt'} (step 4)"
+    assert not list((tmp_path / "run").glob("*.tmp"))
+
+
+def test_second_run_on_a_folder_is_refused_and_a_crashed_one_leaves_no_lock(tmp_path):
+    import signal
+    root = write_modelnet_folder(tmp_path / "mn")
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", f"import asymdsd, time; asymdsd.lock_run_folder({str(out)!r}); "
+                               "print('locked', flush=True); time.sleep(300)"],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(SystemExit) as e:
+            A.main(cli(root, out))
+        assert f"pid {holder.pid} on {socket.gethostname()}, started " in str(e.value), str(e.value)
+        assert not (out / "log.jsonl").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)             # a crash: the OS drops the lock with the process
+        holder.wait()
+    A.main(cli(root, out, "--max-steps", "1"))
+    assert [r["step"] for r in read_log(out)] == [1]
+
+
 # ----------------------------------------------------------------------------------------------
 # 12. Official checkpoints: the official state_dict layout -> these modules, one key map
 # ----------------------------------------------------------------------------------------------
