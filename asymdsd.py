@@ -1503,6 +1503,20 @@ def main(argv=None):
     except (FloatingPointError, FileNotFoundError, ValueError, OSError) as e:
         # Bad input, a diverged run and a failed write end with the message alone, not a stack trace.
         raise SystemExit(f"error: {e}")
+    if "RANK" in os.environ:
+        end_torchrun_worker()
+
+
+def end_torchrun_worker():
+    """End a torchrun worker whose run has finished without Python's interpreter shutdown. The process
+    group's worker threads outlive destroy_process_group (DDP keeps the group referenced) and can still be
+    releasing the last collective's objects, which takes the GIL; a thread that asks for the GIL during
+    interpreter shutdown is ended inside a C++ destructor, and the process aborts with "terminate called
+    without an active exception" (pytorch/pytorch#190489). By now every rank has passed the final barrier
+    and the checkpoint and log are written and closed."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # ----------------------------------------------------------------------------------------------
