@@ -115,10 +115,10 @@ class Config:
     skip_bad: bool = False            # skip unreadable files with a warning and a count (default: stop)
     mode: str = "cls_mask"            # cls_mask (AsymDSD) | cls (invariance only) | mask (MPM only): training_mode
     # multi-crop (configs/data/ShapeNetCore-U.yaml: multi_crop_config; aspect: SampleCropPC's default)
-    num_global_crops: int = 2
+    num_global_crops: int | None = None   # None: the mode's (MODE_DEFAULTS): 2, or 1 in `mask` mode
     global_crop_scale: tuple = (0.4, 1.0)
     global_points: int = 1024
-    num_local_crops: int = 4
+    num_local_crops: int | None = None    # None: 4, or 0 in `mask` mode
     local_crop_scale: tuple = (0.05, 0.4)
     local_points: int = 256
     crop_aspect: tuple = (0.33, 3.0)
@@ -137,7 +137,7 @@ class Config:
     pos_hidden: int = 128
     # masking (ssrl_model.yaml: mask_generator, InverseBlockPatchMasking)
     mask_ratio: float = 0.7
-    num_masks: int = 4                # multi_mask; `--mode mask` uses 8 (variants/model/ssrl_model_mask.yaml)
+    num_masks: int | None = None      # multi_mask; None: 4, or 8 in `mask` mode
     block_ratio: float = 0.1
     adjust_ratio: float = 0.1
     # predictor (ssrl_model.yaml: predictor, a TransformerDecoderConfig)
@@ -179,6 +179,11 @@ class Config:
     snapshot_every: int = 0           # keep <out>/epoch_NNN.pt (teacher + config) every n epochs, for curves
     max_steps: int = 0                # stop after this many steps in total (0: run all epochs); for tests
 
+    def __post_init__(self):
+        for key, value in MODE_DEFAULTS.get(self.mode, MODE_DEFAULTS["cls_mask"]).items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+
 
 PRESETS = {
     # AsymDSD-S exactly as the official ShapeNet pretraining (the Config defaults).
@@ -200,13 +205,30 @@ PRESETS = {
 }
 
 
-MODE_OVERRIDES = {"mask": dict(num_masks=8)}  # variants/model/ssrl_model_mask.yaml: multi_mask 8
+# The crop and mask counts a mode implies. The `mask` variant (variants/model/ssrl_model_mask.yaml) has no
+# multi-crop, one global crop, and 8 masks (multi_mask); it replaces a preset's counts, as the official variant
+# file replaces the base config's. A value given explicitly (a flag, --set, a Config argument) wins over both.
+MODE_DEFAULTS = {"cls_mask": dict(num_global_crops=2, num_local_crops=4, num_masks=4),
+                 "cls": dict(num_global_crops=2, num_local_crops=4, num_masks=4),
+                 "mask": dict(num_global_crops=1, num_local_crops=0, num_masks=8)}
+
+
+def preset_settings(preset: str, mode: str | None = None) -> dict:
+    """A preset's settings for a mode: in `mask` mode the variant's crop and mask counts replace the preset's."""
+    settings = dict(PRESETS[preset])
+    if (mode or settings.get("mode")) == "mask":
+        settings.update(MODE_DEFAULTS["mask"], mode="mask")
+    return settings
 
 
 def config_from_dict(saved: dict) -> Config:
-    """The Config stored in a checkpoint (lists back to tuples; keys of older versions ignored)."""
+    """The Config stored in a checkpoint (lists back to tuples; keys of older versions ignored). A `mask`
+    run's crop counts are the mode's: make_views cuts one global crop and no local ones whatever they say."""
     names = {f.name for f in dataclasses.fields(Config)}
-    return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in names})
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in names}
+    if values.get("mode") == "mask":
+        values.update(num_global_crops=1, num_local_crops=0)
+    return Config(**values)
 
 
 def encoder_kwargs(cfg: Config) -> dict:
@@ -1000,11 +1022,131 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a word",
+              "tuple": "comma-separated numbers"}
+
+
+def validate(cfg: Config):
+    """Refuse a config that cannot train before any work starts: SystemExit with one line per problem."""
+    problems = []
+    for name, field in FIELDS.items():  # types first: the checks below compare numbers
+        value = getattr(cfg, name)
+        kind, _, optional = field.type.partition(" | ")
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = {"int": number and isinstance(value, int), "float": number, "bool": isinstance(value, bool),
+              "str": isinstance(value, str),
+              "tuple": isinstance(value, tuple) and len(value) == len(field.default or ())
+                       and all(isinstance(x, (int, float)) for x in value)}[kind]
+        if not (ok or (value is None and optional)):
+            size = f" of {len(field.default)}" if kind == "tuple" else ""
+            problems.append(f"{name}={value!r}: expected {TYPE_WORDS[kind]}{size}")
+    if problems:
+        raise SystemExit("these settings cannot train:\n  " + "\n  ".join(problems))
+
+    def need(ok: bool, text: str):
+        if not ok:
+            problems.append(text)
+
+    c = cfg
+    need(c.mode in MODE_DEFAULTS, f"mode={c.mode!r}: one of {', '.join(MODE_DEFAULTS)}")
+    need(c.predictor_attention in ("cross", "masked_self", "full_self"),
+         f"predictor_attention={c.predictor_attention!r}: one of cross, masked_self, full_self")
+    need(c.precision in ("auto", "fp32", "bf16", "fp16"), f"precision={c.precision!r}: one of auto, fp32, bf16, fp16")
+    for name in ("epochs", "batch_size", "global_points", "local_points", "global_patches", "local_patches",
+                 "patch_size", "embed_dim", "depth", "num_heads", "pos_hidden", "predictor_dim", "predictor_depth",
+                 "predictor_heads", "head_hidden", "head_bottleneck", "num_prototypes", "num_global_crops",
+                 "num_masks", "log_every", "lr", "student_temp", "mlp_ratio", "grad_clip", "source_points"):
+        value = getattr(c, name)
+        need(value is None or value > 0, f"{name}={value}: must be above 0")
+    for name in ("num_local_crops", "warmup_epochs", "temp_warmup_epochs", "num_workers", "ckpt_every",
+                 "snapshot_every", "max_steps", "lr_start", "lr_final", "weight_decay", "koleo_weight",
+                 "regression_weight"):
+        need(getattr(c, name) >= 0, f"{name}={getattr(c, name)}: must not be negative")
+    for name in ("global_crop_scale", "local_crop_scale", "crop_aspect", "scale_range",
+                 "teacher_temp_cls", "teacher_temp_patch"):
+        lo, hi = getattr(c, name)
+        need(0 < lo <= hi and (hi <= 1 or not name.endswith("crop_scale")),
+             f"{name}={lo},{hi}: expected 0 < low <= high" + (" <= 1" if name.endswith("crop_scale") else ""))
+    need(0 <= min(c.ema_momentum) <= max(c.ema_momentum) <= 1, f"ema_momentum={c.ema_momentum}: within [0, 1]")
+    need(0 <= min(c.betas) and max(c.betas) < 1, f"betas={c.betas}: within [0, 1)")
+    need(0 <= c.center_momentum <= 1, f"center_momentum={c.center_momentum}: within [0, 1]")
+    need(all(d > 0 for d in c.tokenizer_dims), f"tokenizer_dims={c.tokenizer_dims}: must be above 0")
+    need(c.embed_dim % c.num_heads == 0, f"embed_dim={c.embed_dim} is not a multiple of num_heads={c.num_heads}")
+    need(c.predictor_dim % c.predictor_heads == 0,
+         f"predictor_dim={c.predictor_dim} is not a multiple of predictor_heads={c.predictor_heads}")
+    crops = [("global", c.global_points, c.global_patches)]
+    if c.mode != "mask" and c.num_local_crops:
+        crops.append(("local", c.local_points, c.local_patches))
+    for name, points, patches in crops:
+        need(c.patch_size <= points, f"patch_size={c.patch_size}: more than the {points} points of a {name} crop "
+                                     f"({name}_points)")
+        need(patches <= points, f"{name}_patches={patches}: more than the {points} points of a {name} crop")
+    need(c.epochs >= c.warmup_epochs, f"epochs={c.epochs} is shorter than the lr warm-up (warmup_epochs="
+                                      f"{c.warmup_epochs}): raise --epochs or lower --set warmup_epochs")
+    need(c.epochs >= c.temp_warmup_epochs, f"epochs={c.epochs} is shorter than the teacher-temperature warm-up "
+                                           f"(temp_warmup_epochs={c.temp_warmup_epochs})")
+    if c.mode == "mask":
+        need(c.num_global_crops == 1, f"num_global_crops={c.num_global_crops}: the mask mode cuts one global crop")
+        need(c.num_local_crops == 0, f"num_local_crops={c.num_local_crops}: the mask mode cuts no local crops")
+    elif c.mode in MODE_DEFAULTS:
+        need(c.num_global_crops == 2, f"num_global_crops={c.num_global_crops}: the {c.mode} mode's CLS loss "
+                                      "compares two global crops")
+    if c.mode != "cls":
+        masked = round(c.mask_ratio * c.global_patches)
+        need(0 < masked < c.global_patches,
+             f"mask_ratio={c.mask_ratio} masks {masked} of the {c.global_patches} patches of a global crop: "
+             "the student needs at least one visible and one masked patch")
+        need(0 < c.block_ratio <= 1, f"block_ratio={c.block_ratio}: within (0, 1]")
+        need(c.adjust_ratio >= 0, f"adjust_ratio={c.adjust_ratio}: must not be negative")
+    if c.device != "auto":
+        try:
+            torch.device(c.device)
+        except RuntimeError:
+            problems.append(f"device={c.device!r}: expected auto, cpu, cuda or cuda:N")
+    if problems:
+        raise SystemExit("these settings cannot train:\n  " + "\n  ".join(problems))
+
+
 def save_checkpoint(path: str, state: dict):
-    """Write atomically: a crash mid-write leaves the previous file intact."""
+    """Write atomically: a failure mid-write (a full disk, Ctrl-C) leaves the previous file intact and no .tmp."""
     tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            kept = f"the previous {os.path.basename(path)} is kept" if os.path.exists(path) else "none was written before"
+            raise OSError(f"cannot write {path} ({e.strerror or e}); {kept}. "
+                          "Free space there, or resume with another --out") from e
+        raise
+
+
+def lock_run_folder(out: str) -> int:
+    """Create `out` and hold an exclusive lock on <out>/run.lock while this process trains, so a second run
+    started on the same folder is refused at once with the first one's pid, host and start time. The OS
+    releases the lock when the process ends, however it ends: a crashed run leaves nothing stuck.
+    Returns the file descriptor; closing it releases the lock."""
+    import fcntl
+    import socket
+    path = os.path.join(out, "run.lock")
+    try:
+        os.makedirs(out, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise SystemExit(f"--out {out}: cannot write there ({e.strerror}); choose a writable folder") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 400).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise SystemExit(f"--out {out} is in use by a run that is still going ({holder}); "
+                         "wait for it to end, or choose another --out") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+    return fd
 
 
 def check_batch(points: torch.Tensor, index: torch.Tensor, dataset):
@@ -1076,7 +1218,22 @@ def setup_distributed(cfg: Config):
 
 def train(cfg: Config, resume: dict | None = None) -> str:
     """Pretrain AsymDSD, or continue the run whose checkpoint dict is `resume`; returns the path of
-    the last checkpoint."""
+    the last checkpoint. The config is validated first; the run folder is locked while it trains
+    (by rank 0 under DDP)."""
+    validate(cfg)
+    rank0 = int(os.environ.get("RANK", 0)) == 0
+    lock = lock_run_folder(cfg.out) if rank0 else None
+    try:
+        if rank0:
+            print(json.dumps(dataclasses.asdict(cfg)))
+        return pretrain(cfg, resume)
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def pretrain(cfg: Config, resume: dict | None = None) -> str:
+    """The training run of train(): data, model, optimizer, the loop, checkpoints and logs."""
     rank, world, device = setup_distributed(cfg)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank; augmentation streams differ (gen)
     dataset = build_data(cfg)
@@ -1099,19 +1256,26 @@ def train(cfg: Config, resume: dict | None = None) -> str:
     # All augmentation/masking randomness comes from this generator: saved, so resume is exact.
     # NOTE: (departure 2) official DataLoader workers copy one numpy stream each; here every rank has its own.
     gen = torch.Generator(device).manual_seed(cfg.seed * 7919 + rank)
-    step = 0
-    os.makedirs(cfg.out, exist_ok=True)
+    step = saved_step = 0
     ckpt_path = os.path.join(cfg.out, "last.pt")
+    log_path = os.path.join(cfg.out, "log.jsonl")
     if resume:
         load_checked(model.student, resume["student"], "the checkpoint's student")
         load_checked(model.teacher, resume["teacher"], "the checkpoint's teacher")
         optimizer.load_state_dict(resume["optimizer"])
-        scaler.load_state_dict(resume["scaler"])
+        if resume["scaler"]:  # empty when the checkpoint's run had no fp16 loss scaling: a new scaler starts
+            scaler.load_state_dict(resume["scaler"])
         states = resume["generator"]
         gen.set_state((states[rank] if isinstance(states, list) else states).cpu())
-        step = resume["step"]
-        if rank == 0:
-            print(f"resumed at step {step}")
+        step = saved_step = resume["step"]
+        if step > cfg.epochs * steps_per_epoch:
+            raise SystemExit(f"the checkpoint is at step {step}, past the end of {cfg.epochs} epochs "
+                             f"({cfg.epochs * steps_per_epoch} steps); give a larger --epochs")
+        if step >= total_steps:
+            if rank == 0:
+                print(f"the checkpoint is at step {step}, the end of this run ({total_steps} steps): nothing to "
+                      "train; a larger --epochs trains on")
+            return ckpt_path
     net = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -1120,6 +1284,7 @@ def train(cfg: Config, resume: dict | None = None) -> str:
         net = torch.compile(net)
 
     def checkpoint():
+        nonlocal saved_step
         states = [gen.get_state()]
         if world > 1:  # each rank's augmentation stream, so every rank resumes exactly
             states = [None] * world
@@ -1129,10 +1294,14 @@ def train(cfg: Config, resume: dict | None = None) -> str:
                                         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                                         "generator": states if world > 1 else states[0], "step": step,
                                         "config": dataclasses.asdict(cfg)})
+        saved_step = step
 
     import data
     from tqdm import tqdm
-    log = open(os.path.join(cfg.out, "log.jsonl"), "a") if rank == 0 else None
+    log = open(log_path, "a") if rank == 0 else None
+    if rank == 0:
+        snapshots = f", teacher snapshots epoch_NNN.pt every {cfg.snapshot_every} epochs" if cfg.snapshot_every else ""
+        print(f"run folder {cfg.out}: log {log_path}, checkpoint {ckpt_path}{snapshots}", flush=True)
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="pretrain", dynamic_ncols=True)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     window_t, window_n = time.perf_counter(), 0
@@ -1170,8 +1339,11 @@ def train(cfg: Config, resume: dict | None = None) -> str:
                            "samples_per_s": round(window_n / elapsed, 2), "peak_mem_mb": round(peak_memory_mb(device), 1)}
                     window_t, window_n = time.perf_counter(), 0
                     if log:
-                        log.write(json.dumps(rec) + "\n")
-                        log.flush()
+                        try:
+                            log.write(json.dumps(rec) + "\n")
+                            log.flush()
+                        except OSError as e:
+                            raise OSError(f"cannot write {log_path} ({e.strerror or e})") from e
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")
                 if save_now:
                     checkpoint()
@@ -1183,75 +1355,183 @@ def train(cfg: Config, resume: dict | None = None) -> str:
                     break
         if world > 1:  # rank 0 may still be writing the last checkpoint: all ranks shut down together
             dist.barrier()
+    except KeyboardInterrupt:
+        last_ckpt = f"the last checkpoint is {ckpt_path} (step {saved_step})" if saved_step else "no checkpoint yet"
+        raise KeyboardInterrupt(f"interrupted at step {step}; {last_ckpt}") from None
     finally:
         bar.close()
         if log:
             log.close()
         if world > 1:
             dist.destroy_process_group()
+    if rank == 0:
+        print(f"finished at step {step}: checkpoint {ckpt_path}, log {log_path}")
     return ckpt_path
 
 
-def parse_value(text: str, default):
-    """Parse a --set value by the type of the Config default."""
-    if isinstance(default, bool):
-        return text.lower() in ("1", "true", "yes")
-    if isinstance(default, tuple):
-        return tuple(type(default[0])(v) for v in text.split(","))
-    if default is None:
-        return None if text.lower() == "none" else (int(text) if text.isdigit() else text)
-    return type(default)(text)
+# The command line: flags name the common settings, --set any Config field. A new run's settings are
+# Config defaults <- the preset <- the mode's crop and mask counts (in `mask` mode) <- flags <- --set.
+
+VALUE_FLAGS = ("data", "data_root", "mode", "epochs", "batch_size", "lr", "out", "device", "precision", "seed",
+               "num_workers", "max_steps", "log_every")
+SWITCHES = ("compile", "download", "skip_bad")
+
+# What a resumed run may change: where and how fast it runs, how often it logs and saves, how long it goes
+# on. Every other setting defines what the run trains, and --resume refuses a new value for it.
+RESUME_MAY_CHANGE = ("epochs", "max_steps", "device", "precision", "compile", "num_workers", "log_every",
+                     "ckpt_every", "snapshot_every", "out", "data_root", "download", "skip_bad")
+
+
+def parse_value(key: str, text: str):
+    """A --set value, parsed by the type of its Config field."""
+    field = FIELDS[key]
+    kind, _, optional = field.type.partition(" | ")
+    if optional and text.lower() == "none":
+        return None
+    try:
+        if kind == "bool":
+            return {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}[text.lower()]
+        if kind == "tuple":
+            return tuple(type(field.default[0])(v) for v in text.split(","))
+        return {"int": int, "float": float, "str": str}[kind](text)
+    except (KeyError, ValueError):
+        example = ",".join(map(str, field.default)) if kind == "tuple" else None
+        raise SystemExit(f"--set {key}={text}: {key} takes {TYPE_WORDS[kind]}"
+                         + (f", e.g. {key}={example}" if example else "")) from None
+
+
+def given_settings(args) -> dict:
+    """The settings this command line names: its value flags and switches, then every --set key=value."""
+    given = {k: getattr(args, k) for k in VALUE_FLAGS if getattr(args, k) is not None}
+    given.update({k: True for k in SWITCHES if getattr(args, k)})
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or key not in FIELDS:
+            raise SystemExit(f"--set {item!r}: expected key=value with key one of: {', '.join(FIELDS)}")
+        given[key] = parse_value(key, value)
+    return given
 
 
 def build_config(args) -> Config:
-    """Defaults (AsymDSD-S) <- preset <- mode overrides <- explicit flags <- --set key=value."""
-    cfg = Config(**PRESETS[args.preset])
-    cfg = dataclasses.replace(cfg, mode=args.mode or cfg.mode)
-    cfg = dataclasses.replace(cfg, **MODE_OVERRIDES.get(cfg.mode, {}))
-    flags = {"data": args.data, "data_root": args.data_root, "epochs": args.epochs, "batch_size": args.batch_size,
-             "out": args.out, "device": args.device, "seed": args.seed, "precision": args.precision,
-             "lr": args.lr, "num_workers": args.num_workers, "max_steps": args.max_steps,
-             "log_every": args.log_every}
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
-    if args.compile:
-        cfg.compile = True
-    if args.download:
-        cfg.download = True
-    if args.skip_bad:
-        cfg.skip_bad = True
-    fields = {f.name: f for f in dataclasses.fields(Config)}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep or key not in fields:
-            raise SystemExit(f"--set {item!r}: expected key=value with key one of: {', '.join(fields)}")
-        setattr(cfg, key, parse_value(value, getattr(cfg, key)))
-    return cfg
+    """A new run's Config: the preset (and the mode's crop and mask counts) under the command line's settings."""
+    given = given_settings(args)
+    return Config(**{**preset_settings(args.preset or "paper", given.get("mode")), **given})
+
+
+def flag_text(key: str, value, args) -> str:
+    """How this command line said `key` = `value`: by its flag, or by --set."""
+    shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+    by_set = any(item.partition("=")[0] == key for item in args.set)
+    return f"--{key.replace('_', '-')} {shown}" if key in VALUE_FLAGS and not by_set else f"--set {key}={shown}"
+
+
+def unreadable_kind(path: str, error: Exception) -> str:
+    """What a file is that torch.load(weights_only=True) cannot read."""
+    import re
+    import zipfile
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not zipfile.is_zipfile(path):
+        return "a damaged or truncated PyTorch file" if head == b"PK\x03\x04" else "not a PyTorch file" if head else "empty"
+    with zipfile.ZipFile(path) as z:
+        pickled = b"".join(z.read(n) for n in z.namelist() if n.endswith("data.pkl"))
+    if b"pytorch-lightning_version" in pickled:
+        return "a PyTorch Lightning checkpoint (such as the official AsymDSD code writes)"
+    found = re.search(r"GLOBAL (\S+)", str(error))
+    return f"a PyTorch file holding Python objects ({found.group(1) if found else type(error).__name__})"
+
+
+def read_checkpoint(path: str) -> dict:
+    """The checkpoint of an asymdsd.py run at `path`, or SystemExit naming the file and what it is.
+    weights_only: such a checkpoint holds tensors and plain Python values only, so nothing in a foreign
+    file is executed."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"--resume: no checkpoint at {path}" + (" (a folder)" if os.path.isdir(path) else ""))
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        what = unreadable_kind(path, e)
+    else:
+        keys = set(ckpt) if isinstance(ckpt, dict) else set()
+        if {"student", "teacher", "optimizer", "scaler", "generator", "step", "config"} <= keys:
+            return ckpt
+        what = ("a teacher snapshot (epoch_NNN.pt: no student, optimizer or data position)" if {"teacher", "config"} <= keys
+                else "an exported encoder (evaluate.py export)" if {"config", "state_dict"} <= keys
+                else "a PyTorch Lightning checkpoint" if "state_dict" in keys
+                else f"a PyTorch file holding {sorted(map(str, keys))[:6] if keys else type(ckpt).__name__}")
+    raise SystemExit(f"--resume {path}: this is {what}, not a checkpoint of an asymdsd.py run. "
+                     "--resume continues a run from its <out>/last.pt")
+
+
+def resume_config(saved: Config, args, path: str, step: int) -> Config:
+    """The checkpoint's settings with the changes this command line may make to a resumed run
+    (RESUME_MAY_CHANGE): printed, one per line. Any other setting that differs, given by a flag, --set
+    or --preset, is refused with SystemExit naming it, its checkpoint value and the new one.
+    --max-steps belongs to one invocation: a resumed run goes on to the end unless it is given again.
+    Without --out the run goes on in the checkpoint's folder."""
+    given = {"max_steps": 0, **given_settings(args)}
+    folder = os.path.dirname(os.path.abspath(path))
+    if "out" not in given and os.path.abspath(saved.out) != folder:
+        given["out"] = folder
+    refused = [f"{flag_text(k, v, args)} (the checkpoint's: {getattr(saved, k)!r})" for k, v in given.items()
+               if k not in RESUME_MAY_CHANGE and v != getattr(saved, k)]
+    if args.preset:
+        clash = [f"{k}={v!r} (the checkpoint's: {getattr(saved, k)!r})"
+                 for k, v in preset_settings(args.preset, given.get("mode", saved.mode)).items()
+                 if k not in given and k not in RESUME_MAY_CHANGE and v != getattr(saved, k)]
+        if clash:
+            refused.append(f"--preset {args.preset}: " + ", ".join(clash))
+    if refused:
+        raise SystemExit(f"--resume {path} continues that run and cannot change what it trains; these differ from "
+                         "its settings:\n  " + "\n  ".join(refused) +
+                         "\nDrop them to continue the run, or start a new run in another --out.")
+    changes = {k: v for k, v in given.items() if v != getattr(saved, k)}
+    lines = [f"resuming {path} at step {step}"]
+    for k, v in changes.items():
+        lines.append(f"  {k}: {getattr(saved, k)!r} -> {v!r}")
+    if "epochs" in changes:
+        lines.append(f"  the lr, EMA and teacher-temperature schedules are rebuilt for {changes['epochs']} epochs: "
+                     f"the next steps follow them, steps 1-{step} followed the {saved.epochs}-epoch ones")
+    if int(os.environ.get("RANK", 0)) == 0:
+        print("\n".join(lines))
+    return dataclasses.replace(saved, **changes)
+
+
+def default_text(key: str) -> str:
+    """' (default: 300; tiny preset: 19)': a flag's Config default and any preset's own value, for --help."""
+    base = getattr(Config(), key)
+    own = [f"{name} preset: {values[key]}" for name, values in PRESETS.items() if values.get(key, base) != base]
+    return f" (default: {'; '.join([str(base), *own])})"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="AsymDSD self-supervised pretraining on point clouds",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", help="dataset: modelnet40, shapenet, shapenet55, shapes (procedural, no download), ...")
-    p.add_argument("--data-root", help="dataset folder or archive (default data/<dataset>)")
+    p = argparse.ArgumentParser(description="AsymDSD self-supervised pretraining on point clouds")
+    d = default_text
+    p.add_argument("--data", help="dataset: modelnet40, shapenet, shapenet55, shapes (procedural, no download), ..."
+                                  + d("data"))
+    p.add_argument("--data-root", help="dataset folder or archive (default: data/<dataset>)")
     p.add_argument("--download", action="store_true", help="download ModelNet40 if it is missing")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable shapes (warned, counted) instead of stopping")
-    p.add_argument("--preset", default="paper", choices=sorted(PRESETS),
-                   help="paper = AsymDSD-S as the official code; tiny = small model for CPU")
-    p.add_argument("--mode", choices=["cls_mask", "cls", "mask"],
-                   help="cls_mask = AsymDSD (default); cls = invariance only; mask = MPM only")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, help="per GPU/process")
-    p.add_argument("--lr", type=float, help="peak learning rate (official 5e-4 at batch 128, not scaled)")
-    p.add_argument("--out", help="output folder for log.jsonl and last.pt")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="paper = AsymDSD-S as the official code; tiny = small model for CPU (default: paper)")
+    p.add_argument("--mode", choices=list(MODE_DEFAULTS),
+                   help="cls_mask = AsymDSD; cls = invariance only; mask = MPM only" + d("mode"))
+    p.add_argument("--epochs", type=int, help="training epochs" + d("epochs"))
+    p.add_argument("--batch-size", type=int, help="per GPU/process" + d("batch_size"))
+    p.add_argument("--lr", type=float, help="peak learning rate, not scaled with the batch as in the official code"
+                                            + d("lr"))
+    p.add_argument("--out", help="run folder for log.jsonl and last.pt" + d("out"))
     p.add_argument("--resume", nargs="?", const="auto",
-                   help="continue from a checkpoint (default <out>/last.pt); its config is used")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:1")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+                   help="continue from a checkpoint (without PATH: <out>/last.pt) with its settings; flags may change "
+                        "only " + ", ".join(RESUME_MAY_CHANGE))
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1" + d("device"))
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 on CUDA where supported, else fp16; fp32 on CPU" + d("precision"))
     p.add_argument("--compile", action="store_true", help="torch.compile the model (faster steps, slow start)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--num-workers", type=int, help="DataLoader workers per process")
-    p.add_argument("--max-steps", type=int, help="stop after this many steps in total")
-    p.add_argument("--log-every", type=int, help="steps between log lines (each costs one host sync)")
+    p.add_argument("--seed", type=int, help="weights, data order and augmentation" + d("seed"))
+    p.add_argument("--num-workers", type=int, help="DataLoader workers per process" + d("num_workers"))
+    p.add_argument("--max-steps", type=int, help="stop after this many steps in total (0: all epochs)" + d("max_steps"))
+    p.add_argument("--log-every", type=int, help="steps between log lines (each costs one host sync)" + d("log_every"))
     p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                    help="override any Config field, e.g. --set num_masks=1 predictor_attention=masked_self "
                         "(repeatable: every --set applies)")
@@ -1260,24 +1540,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    cfg = build_config(args)
     resume = None
     if args.resume:  # the checkpoint is read once, here: its config, then its state in train()
-        path = os.path.join(cfg.out, "last.pt") if args.resume == "auto" else args.resume
-        if not os.path.exists(path):
-            raise SystemExit(f"--resume: no checkpoint at {path}")
-        resume = torch.load(path, map_location="cpu", weights_only=False)
-        print(f"resuming from {path}")
-        keep = {k: getattr(cfg, k) for k in ("device", "num_workers", "out", "max_steps", "log_every", "compile",
-                                              "data_root")}
-        cfg = dataclasses.replace(config_from_dict(resume["config"]), **keep)
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(json.dumps(dataclasses.asdict(cfg)))
+        path = os.path.join(given_settings(args).get("out", Config.out), "last.pt") if args.resume == "auto" else args.resume
+        resume = read_checkpoint(path)
+        cfg = resume_config(config_from_dict(resume["config"]), args, path, resume["step"])
+    else:
+        cfg = build_config(args)
     try:
         train(cfg, resume)
-    except (FloatingPointError, FileNotFoundError, ValueError) as e:
-        # Bad input and a diverged run end with the message alone, not a stack trace.
+    except KeyboardInterrupt as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(str(e) or "interrupted before the first step", file=sys.stderr)
+        raise SystemExit(130) from None
+    except (FloatingPointError, FileNotFoundError, ValueError, OSError) as e:
+        # Bad input, a diverged run and a failed write end with the message alone, not a stack trace.
         raise SystemExit(f"error: {e}")
+    if "RANK" in os.environ:
+        end_torchrun_worker()
+
+
+def end_torchrun_worker():
+    """End a torchrun worker whose run has finished without Python's interpreter shutdown. The process
+    group's worker threads outlive destroy_process_group (DDP keeps the group referenced) and can still be
+    releasing the last collective's objects, which takes the GIL; a thread that asks for the GIL during
+    interpreter shutdown is ended inside a C++ destructor, and the process aborts with "terminate called
+    without an active exception" (pytorch/pytorch#190489). By now every rank has passed the final barrier
+    and the checkpoint and log are written and closed."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -679,12 +679,224 @@ def test_two_process_gloo_torchrun(tmp_path):
            *cli(root, tmp_path / "ddp")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0 and "terminate called" not in r.stderr, r.stderr[-3000:]
     log = read_log(tmp_path / "ddp")
     assert [x["step"] for x in log] == [1, 2, 3, 4]       # 16 shapes / (4 per rank x 2 ranks) = 2 steps per epoch
     ckpt = torch.load(tmp_path / "ddp" / "last.pt", weights_only=False)
     g0, g1 = ckpt["generator"]
     assert not torch.equal(g0, g1), "each rank draws its own crops"
+
+
+def test_every_route_to_a_mode_gives_the_same_config():
+    """--mode, --set mode=, Config(mode=) and a preset under them: one run per meaning."""
+    def cfg(*argv):
+        return A.build_config(A.build_parser().parse_args(list(argv)))
+
+    mask = [cfg("--mode", "mask"), cfg("--set", "mode=mask"), A.Config(mode="mask"), cfg("--preset", "paper", "--mode", "mask")]
+    assert all(c == mask[0] for c in mask)
+    assert (mask[0].num_masks, mask[0].num_global_crops, mask[0].num_local_crops) == (8, 1, 0)   # the official variant
+    tiny_mask = [cfg("--preset", "tiny", "--mode", "mask"), cfg("--preset", "tiny", "--set", "mode=mask")]
+    assert tiny_mask[0] == tiny_mask[1] and (tiny_mask[0].num_masks, tiny_mask[0].embed_dim) == (8, 96)
+    assert cfg("--preset", "tiny").num_masks == 2 and cfg("--preset", "tiny").num_local_crops == 2
+    assert cfg("--preset", "tiny", "--mode", "mask", "--set", "num_masks=3").num_masks == 3   # explicit wins
+    assert cfg() == A.Config() and (A.Config().num_masks, A.Config().num_local_crops) == (4, 4)
+    assert A.Config(mode="cls").num_global_crops == 2
+    for c in [*mask, *tiny_mask, A.Config(), cfg("--preset", "tiny")]:
+        A.validate(c)
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--epochs", "0"], "epochs=0"),
+    (["--epochs", "5"], "warmup_epochs=10"),                     # the paper's lr warm-up is 10 epochs
+    (["--preset", "tiny", "--epochs", "3", "--set", "temp_warmup_epochs=4"], "temp_warmup_epochs=4"),
+    (["--batch-size", "0"], "batch_size=0"),
+    (["--lr=-0.001"], "lr=-0.001"),
+    (["--set", "mask_ratio=1.0"], "mask_ratio=1.0"),
+    (["--set", "patch_size=2000"], "patch_size=2000"),
+    (["--mode", "mask", "--set", "num_local_crops=2"], "num_local_crops=2"),
+    (["--set", "num_global_crops=3"], "num_global_crops=3"),
+    (["--set", "embed_dim=100"], "num_heads=6"),
+    (["--set", "global_crop_scale=0.4"], "global_crop_scale"),
+    (["--set", "ema_momentum=0.9,1.5"], "ema_momentum"),
+    (["--set", "num_masks=abc"], "num_masks=abc"),
+    (["--set", "compile=perhaps"], "compile=perhaps"),
+])
+def test_impossible_settings_are_refused_before_any_work(tmp_path, monkeypatch, argv, named):
+    out = tmp_path / "run"
+    monkeypatch.setattr(A, "build_data", lambda cfg: pytest.fail("the run started"))
+    with pytest.raises(SystemExit) as e:
+        A.main(["--data", "shapes", "--device", "cpu", "--out", str(out), *argv])
+    assert named in str(e.value), str(e.value)
+    assert not out.exists(), "nothing is written"
+
+
+def test_validate_lists_every_problem_on_its_own_line():
+    with pytest.raises(SystemExit) as e:
+        A.validate(A.Config(epochs=0, batch_size=0, mask_ratio=1.0, mode="masked"))
+    lines = str(e.value).splitlines()[1:]
+    named = ["mode='masked'", "epochs=0: must", "batch_size=0", "warmup_epochs=10", "temp_warmup_epochs=10",
+             "mask_ratio=1.0"]
+    assert len(lines) == len(named) and all(any(n in line for line in lines) for n in named), lines
+
+
+def test_help_shows_real_defaults():
+    text = A.build_parser().format_help()
+    assert "None" not in text
+    assert re.search(r"--epochs EPOCHS\s+training epochs \(default: 300; tiny preset: 19\)", text)
+
+
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # CPU fp16 rms_norm: unfused path
+def test_resume_applies_allowed_changes_and_refuses_the_rest(tmp_path, capsys):
+    root = write_modelnet_folder(tmp_path / "mn")                  # 4 steps per epoch
+    out = tmp_path / "run"
+    A.main(cli(root, out, "--max-steps", "2"))
+    printed = capsys.readouterr().out
+    assert f"run folder {out}" in printed and "finished at step 2" in printed and str(out / "last.pt") in printed
+    last = str(out / "last.pt")
+    # Settings that define the run: refused, each named with both values; nothing runs.
+    with pytest.raises(SystemExit) as e:
+        A.main(["--resume", last, "--lr", "0.01", "--data", "shapes", "--set", "num_masks=1", "seed=3"])
+    msg = str(e.value)
+    for text in ("--lr 0.01 (the checkpoint's: 0.0005)", "--data shapes (the checkpoint's: 'modelnet40')",
+                 "--set num_masks=1 (the checkpoint's: 2)", "--set seed=3 (the checkpoint's: 0)"):
+        assert text in msg, msg
+    with pytest.raises(SystemExit, match=r"--preset tiny: embed_dim=96 \(the checkpoint's: 32\)"):
+        A.main(["--resume", last, "--preset", "tiny"])
+    assert [r["step"] for r in read_log(out)] == [1, 2]
+    # How the run goes on may change: here fp16 loss scaling starts mid-run, for one more step.
+    capsys.readouterr()
+    A.main(["--resume", last, "--precision", "fp16", "--max-steps", "3"])
+    printed = capsys.readouterr().out
+    assert "precision: 'auto' -> 'fp16'" in printed and "max_steps: 2 -> 3" in printed
+    # No flags: the checkpoint's own settings (num_workers 0, device cpu, fp16), not the paper defaults
+    # (8, auto, auto); the stop step of the last invocation is dropped; more epochs: applied, and said so.
+    A.main(["--resume", last, "--epochs", "3", "--log-every", "2"])
+    printed = capsys.readouterr().out
+    assert "epochs: 2 -> 3" in printed and "rebuilt for 3 epochs" in printed and "log_every: 1 -> 2" in printed
+    assert "max_steps: 3 -> 0" in printed
+    run = json.loads(next(line for line in printed.splitlines() if line.startswith("{")))
+    assert (run["num_workers"], run["device"], run["precision"], run["epochs"], run["num_masks"]) == (
+        0, "cpu", "fp16", 3, 2)
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["step"] == 12 and ckpt["config"]["epochs"] == 3 and ckpt["scaler"]
+    assert [r["step"] for r in read_log(out)] == [1, 2, 3, 4, 6, 8, 10, 12]
+    A.main(["--resume", last])                                      # at its end: says so, trains nothing
+    assert "nothing to train" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="past the end of 2 epochs"):
+        A.main(["--resume", last, "--epochs", "2"])
+
+
+class _LightningState(dict):
+    """Stands in for the hyper-parameter objects a Lightning checkpoint pickles."""
+
+
+def test_resume_names_files_that_are_not_run_checkpoints(tmp_path):
+    torch.save({"a": torch.zeros(1000)}, tmp_path / "whole.pt")
+    whole = (tmp_path / "whole.pt").read_bytes()
+    files = {
+        "random.pt": (os.urandom(2000), "not a PyTorch file"),
+        "truncated.pt": (whole[: len(whole) // 2], "damaged or truncated"),
+        "empty.pt": (b"", "empty"),
+        "official.ckpt": ({"state_dict": {"teacher.point_encoder.cls_token": torch.zeros(1, 1, 8)}, "epoch": 3,
+                           "pytorch-lightning_version": "2.4.0", "hyper_parameters": _LightningState(lr=1)},
+                          "Lightning checkpoint"),
+        "plain.ckpt": ({"state_dict": {"teacher.point_encoder.cls_token": torch.zeros(1, 1, 8)}},
+                       "Lightning checkpoint"),
+        "encoder.pt": ({"config": {"dim": 8}, "state_dict": {"tokenizer.w": torch.zeros(1)}}, "exported encoder"),
+        "epoch_001.pt": ({"teacher": {}, "config": {}, "step": 4}, "teacher snapshot"),
+        "other.pt": ({"weights": torch.zeros(1)}, "['weights']"),
+    }
+    for name, (content, kind) in files.items():
+        path = tmp_path / name
+        path.write_bytes(content) if isinstance(content, bytes) else torch.save(content, path)
+        with pytest.raises(SystemExit) as e:
+            A.main(["--resume", str(path), "--out", str(tmp_path / "run")])
+        assert str(path) in str(e.value) and kind in str(e.value), (name, str(e.value))
+        assert "not a checkpoint of an asymdsd.py run" in str(e.value)
+    with pytest.raises(SystemExit, match="a folder"):
+        A.main(["--resume", str(tmp_path)])
+    assert not (tmp_path / "run").exists()
+
+
+def test_unwritable_out_folder_is_named(tmp_path, monkeypatch):
+    import errno
+    root = write_modelnet_folder(tmp_path / "mn")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match=r"--out .*file/run: cannot write there \(Not a directory\)"):
+        A.main(cli(root, tmp_path / "file" / "run"))
+    read_only, real_open = tmp_path / "ro", os.open        # root may write anywhere: the OS's answer is faked
+    read_only.mkdir()
+
+    def refuse(path, *args, **kw):
+        if str(path).startswith(str(read_only)):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, *args, **kw)
+
+    monkeypatch.setattr(os, "open", refuse)
+    with pytest.raises(SystemExit, match=r"--out .*ro: cannot write there \(Read-only file system\)"):
+        A.main(cli(root, read_only))
+    assert list(read_only.iterdir()) == []
+
+
+def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    import errno
+    root = write_modelnet_folder(tmp_path / "mn")
+    real_save, calls = torch.save, []
+
+    def fill_disk(obj, f, *args, **kw):      # the second checkpoint (step 8) runs out of space half-way
+        calls.append(f)
+        if len(calls) < 2:
+            return real_save(obj, f, *args, **kw)
+        Path(f).write_bytes(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", fill_disk)
+    with pytest.raises(SystemExit) as e:
+        A.main(cli(root, tmp_path / "run"))
+    assert "No space left on device" in str(e.value) and "the previous last.pt is kept" in str(e.value)
+    assert str(tmp_path / "run" / "last.pt") in str(e.value)
+    assert not list((tmp_path / "run").glob("*.tmp"))
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 4
+
+
+def test_ctrl_c_ends_with_one_line_and_status_130(tmp_path, monkeypatch, capsys):
+    root = write_modelnet_folder(tmp_path / "mn")
+    real, calls = A.train_step, []
+
+    def interrupted_at_step_6(*args, **kw):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(A, "train_step", interrupted_at_step_6)
+    with pytest.raises(SystemExit) as e:
+        A.main(cli(root, tmp_path / "run"))
+    assert e.value.code == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"interrupted at step 5; the last checkpoint is {tmp_path / 'run' / 'last.pt'} (step 4)"
+    assert not list((tmp_path / "run").glob("*.tmp"))
+
+
+def test_second_run_on_a_folder_is_refused_and_a_crashed_one_leaves_no_lock(tmp_path):
+    import signal
+    root = write_modelnet_folder(tmp_path / "mn")
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", f"import asymdsd, time; asymdsd.lock_run_folder({str(out)!r}); "
+                               "print('locked', flush=True); time.sleep(300)"],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(SystemExit) as e:
+            A.main(cli(root, out))
+        assert f"pid {holder.pid} on {socket.gethostname()}, started " in str(e.value), str(e.value)
+        assert not (out / "log.jsonl").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)             # a crash: the OS drops the lock with the process
+        holder.wait()
+    A.main(cli(root, out, "--max-steps", "1"))
+    assert [r["step"] for r in read_log(out)] == [1]
 
 
 # ----------------------------------------------------------------------------------------------
