@@ -1553,7 +1553,7 @@ def main(argv=None):
         if int(os.environ.get("RANK", 0)) == 0:
             print(str(e) or "interrupted before the first step", file=sys.stderr)
         raise SystemExit(130) from None
-    except (FloatingPointError, FileNotFoundError, ValueError, OSError) as e:
+    except (FloatingPointError, FileNotFoundError, ValueError, OSError, ImportError) as e:
         # Bad input, a diverged run and a failed write end with the message alone, not a stack trace.
         raise SystemExit(f"error: {e}")
     if "RANK" in os.environ:
