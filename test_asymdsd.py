@@ -79,6 +79,13 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def npy_bytes(array: np.ndarray) -> bytes:
+    """The bytes of a .npy file holding `array`, for archives and folders built in a test."""
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
 # A model small enough for many CPU training steps per second.
 SMALL = dict(embed_dim=32, depth=1, num_heads=2, tokenizer_dims=(16, 32, 64), pos_hidden=16,
              global_points=256, local_points=64, global_patches=16, local_patches=4, patch_size=16,
@@ -1197,9 +1204,7 @@ def test_point_file_tree_subsample_and_too_few(tmp_path):
     rng = np.random.default_rng(0)
     files = {}
     for k in range(3):
-        buf = io.BytesIO()
-        np.save(buf, rng.normal(size=(100, 6)).astype(np.float32))
-        files[f"lamp/train/lamp_{k:04d}.npy"] = buf.getvalue()
+        files[f"lamp/train/lamp_{k:04d}.npy"] = npy_bytes(rng.normal(size=(100, 6)).astype(np.float32))
     files["lamp/train/lamp_0003.txt"] = "\n".join(",".join(map(str, r)) for r in rng.normal(size=(100, 6)))
     folder = write_off_tree(tmp_path, files)
     full = data.build_dataset("modelnet40", str(folder), "train")
@@ -1273,9 +1278,7 @@ def test_empty_and_truncated_point_files_are_named_and_skippable(tmp_path, capsy
     rng = np.random.default_rng(0)
     files = {}
     for k in range(3):
-        buf = io.BytesIO()
-        np.save(buf, rng.normal(size=(50, 3)).astype(np.float32))
-        files[f"cup/train/cup_{k:04d}.npy"] = buf.getvalue()
+        files[f"cup/train/cup_{k:04d}.npy"] = npy_bytes(rng.normal(size=(50, 3)).astype(np.float32))
     files["cup/train/cup_0003.npy"] = b""                                  # 0 bytes: an interrupted copy
     files["cup/train/cup_0004.npy"] = files["cup/train/cup_0000.npy"][:100]  # cut inside the data
     files["cup/train/cup_0005.txt"] = b""
@@ -1313,9 +1316,7 @@ def test_pool_build_equals_serial_build(tmp_path):
     rng = np.random.default_rng(1)
     files = {}
     for k in range(70):                                   # > 64 files: the 2-process pool is used
-        buf = io.BytesIO()
-        np.save(buf, rng.normal(size=(40, 3)).astype(np.float32))
-        files[f"vase/train/vase_{k:04d}.npy"] = buf.getvalue()
+        files[f"vase/train/vase_{k:04d}.npy"] = npy_bytes(rng.normal(size=(40, 3)).astype(np.float32))
     folder = write_off_tree(tmp_path, files)
     a = data.build_dataset("modelnet40", str(folder), "train", num_points=8, workers=2, cache_dir=str(tmp_path / "a"))
     b = data.build_dataset("modelnet40", str(folder), "train", num_points=8, workers=1, cache_dir=str(tmp_path / "b"))
