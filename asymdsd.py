@@ -749,12 +749,14 @@ def koleo_loss(x, eps: float = 1e-6):
     # NOTE: (departure 8) official computes the similarities in fp16 under autocast; here fp32: near 1
     # they tie in fp16 and bf16, and the argmax then picks a farther sample. Identical in fp32.
     with torch.autocast(x.device.type, enabled=False):
-        x = F.normalize(x.float(), dim=-1, eps=1e-8).transpose(0, 1)               # (S, B, D)
+        x = F.normalize(x.float(), dim=-1, eps=eps).transpose(0, 1)                # (S, B, D)
         sim = x @ x.transpose(1, 2)                                                 # (S, B, B)
         eye = torch.eye(x.shape[1], dtype=torch.bool, device=x.device)
-        nearest = sim.masked_fill(eye, -2.0).argmax(dim=2)                          # (S, B)
+        nearest = sim.masked_fill(eye, -1.0).argmax(dim=2)                          # (S, B)
         other = x.gather(1, nearest[..., None].expand_as(x))
-        return -torch.log((x - other).norm(dim=-1) + eps).mean()
+        # nn.PairwiseDistance, as the official calls it, adds its own eps 1e-6 to the difference
+        # inside the norm; the loss then adds eps again outside it.
+        return -torch.log((x - other + 1e-6).norm(dim=-1) + eps).mean()
 
 
 # ----------------------------------------------------------------------------------------------

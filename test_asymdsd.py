@@ -395,6 +395,14 @@ def test_cls_loss_and_koleo_by_hand():
     x = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]], [[0.6, 0.8]]])   # (B=3, S=1, D=2), already unit norm
     nn_dist = [math.dist((1, 0), (0.6, 0.8)), math.dist((0, 1), (0.6, 0.8)), math.dist((0, 1), (0.6, 0.8))]
     assert math.isclose(A.koleo_loss(x).item(), -np.mean(np.log(np.array(nn_dist) + 1e-6)), rel_tol=1e-5)
+    # The distance as the official computes it: nn.PairwiseDistance (eps 1e-6 inside the norm), then + 1e-6.
+    # Duplicated samples (distance 0) tell the two apart: log(1e-6 * sqrt(D) + 1e-6), not log(1e-6).
+    x = torch.randn(6, 2, 8)
+    x[1] = x[0]
+    u = torch.nn.functional.normalize(x, dim=-1, eps=1e-6)
+    match = torch.stack([u[(u[:, c] @ u[:, c].T).fill_diagonal_(-1).argmax(1), c] for c in range(2)], 1)
+    official = -torch.log(torch.nn.PairwiseDistance(p=2)(u, match) + 1e-6).mean()
+    assert torch.allclose(A.koleo_loss(x), official, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
