@@ -413,6 +413,48 @@ class PatchTokenizer(nn.Module):
         return h.amax(dim=-2)                                         # (..., D)
 
 
+class TwoStageTokenizer(nn.Module):
+    """The B and L tokenizer (official VarMemEfficientPointMaxEmbedding): stage MLPs with max-pool
+    between them. Stage 1: 3->a1->..->an per point; max-pool over the K points; concat [point, pooled];
+    stage 2: 2*an->b1->..->D per point; max-pool. Each hidden layer is Linear, RMSNorm, GELU, Dropout
+    (p = 0 in every official config, so an Identity holds its place and the official indices 4h..4h+3
+    keep their meaning). Every Linear has a bias: the official class does not pass its `bias: false` on.
+    hidden: ((256, 512, 1024), (2048,)) for B and L. Chunks of the B*P patches run one after another
+    (official process_num_chunks): less peak memory, the same numbers."""
+
+    def __init__(self, dim: int, hidden: tuple = ((256, 512, 1024), (2048,)), num_chunks: int = 1):
+        super().__init__()
+        widths, stages = 3, []
+        for i, dims in enumerate(hidden):
+            sizes = [widths, *dims] + ([dim] if i == len(hidden) - 1 else [])
+            layers = []
+            for a, b in zip(sizes[:-2], sizes[1:-1]):
+                layers += [Linear(a, b), RMSNorm(b), nn.GELU(), nn.Identity()]
+            stages.append(nn.Sequential(*layers, Linear(sizes[-2], sizes[-1])))
+            widths = 2 * sizes[-1]
+        self.stages = nn.ModuleList(stages)
+        self.num_chunks = num_chunks
+
+    def embed(self, x):                                               # (N, K, 3) -> (N, D)
+        for stage in self.stages[:-1]:
+            x = stage(x)                                              # (N, K, a)
+            pooled = x.amax(dim=-2, keepdim=True)                     # (N, 1, a)
+            x = torch.cat([x, pooled.expand_as(x)], dim=-1)           # (N, K, 2a)
+        return self.stages[-1](x).amax(dim=-2)                        # (N, D)
+
+    def forward(self, patches):                                       # (..., K, 3)
+        x = patches.reshape(-1, *patches.shape[-2:])                  # (N, K, 3)
+        out = torch.cat([self.embed(c) for c in x.chunk(self.num_chunks, dim=0)], dim=0)
+        return out.reshape(*patches.shape[:-2], -1)                   # (..., D)
+
+
+def make_tokenizer(dim: int, hidden: tuple, num_chunks: int = 1) -> nn.Module:
+    """S's PatchTokenizer for a flat (h1, h2, h3); the two-stage tokenizer for nested stage widths."""
+    if all(isinstance(h, int) for h in hidden):
+        return PatchTokenizer(dim, tuple(hidden))
+    return TwoStageTokenizer(dim, tuple(tuple(h) for h in hidden), num_chunks)
+
+
 class PositionEmbedding(nn.Module):
     """Linear(3->h) -> GELU -> Linear(h->D), with biases, of the patch centre (official
     PositionEmbedding with normalize: false)."""
@@ -587,7 +629,7 @@ class PointEncoder(nn.Module):
     def __init__(self, dim=384, depth=12, num_heads=6, mlp_ratio=4.0, tokenizer_dims=(128, 256, 512),
                  pos_hidden=128, cls_token=True, drop_path=0.0):
         super().__init__()
-        self.tokenizer = PatchTokenizer(dim, tokenizer_dims)
+        self.tokenizer = make_tokenizer(dim, tokenizer_dims)
         self.pos_embed = PositionEmbedding(dim, pos_hidden)
         # One CLS token with a zero positional encoding; absent in the `mask` mode.
         self.cls_token = nn.Parameter(trunc_normal_(torch.empty(1, 1, dim), std=INIT_STD)) if cls_token else None
@@ -1581,6 +1623,8 @@ def end_torchrun_worker():
 OFFICIAL_KEY_MAP = [
     (r"point_encoder\.cls_token", "encoder.cls_token"),
     (r"point_encoder\.patch_embedding\.point_embedding\.(block_[12]\.[013]\.weight)", r"encoder.tokenizer.\1"),
+    (r"point_encoder\.patch_embedding\.point_embedding\.blocks\.(\d+)\.mlp\.(\d+)\.(weight|bias)",
+     r"encoder.tokenizer.stages.\1.\2.\3"),
     (r"point_encoder\.patch_embedding\.position_embedding\.position_embedding\.([02]\.(weight|bias))", r"encoder.pos_embed.mlp.\1"),
     (r"point_encoder\.encoder\.stack\.(\d+)\.self_attn\.norm\.weight", r"encoder.encoder.blocks.\1.norm1.weight"),
     (r"point_encoder\.encoder\.stack\.(\d+)\.self_attn\.attn\.in_proj_weight", r"encoder.encoder.blocks.\1.attn.qkv.weight"),

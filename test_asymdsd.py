@@ -43,6 +43,8 @@ OFFICIAL_FIXTURES = Path(os.environ.get("ASYMDSD_OFFICIAL_FIXTURES") or ROOT.par
 # its state_dict in the official layout, and its teacher encoder's outputs for four fixed clouds: the
 # FPS centres and kNN patches, the tokens, the positions, every block's output, the CLS and patch tokens.
 OFFICIAL_SMALL_S = OFFICIAL_FIXTURES / "official_small_asymdsd.pt"
+# The same in the base (B) layout: the two-stage tokenizer (every Linear with a bias), 3 layers.
+OFFICIAL_SMALL_B = OFFICIAL_FIXTURES / "official_small_base_asymdsd.pt"
 # A Lightning checkpoint written by the official training of a tiny S model (width 32): one step at a
 # learning rate of about 1e-7 after the official initialisation.
 OFFICIAL_TINY_S_CKPT = OFFICIAL_FIXTURES / "official_tiny_S.ckpt"
@@ -306,6 +308,30 @@ def test_oracle_encoder_activations(oracle):
     assert diff(tok, t["token_embeddings"]) <= 1e-5
     assert diff(pos, t["pos_embeddings"]) <= 1e-5
     assert len(hidden) == len(t["hidden_states"])
+    for ours, theirs in zip(hidden, t["hidden_states"]):
+        assert diff(ours, theirs) <= 1e-5
+    assert diff(x[:, 0], t["cls"]) <= 1e-5 and diff(x[:, 1:], t["patch_tokens"]) <= 1e-5
+
+
+@needs_official(OFFICIAL_SMALL_B)
+def test_oracle_base_layout_activations():
+    """The B layout (two-stage tokenizer with biases, 2 chunks) reproduces the official teacher."""
+    fx = torch.load(OFFICIAL_SMALL_B, weights_only=False)
+    t = fx["io"]["teacher"]
+    enc = A.PointEncoder(96, 3, 2, 4.0, ((32, 64, 128), (256,)), 128)
+    assert isinstance(enc.tokenizer, A.TwoStageTokenizer)
+    enc = A.load_official_encoder(enc, fx["state_dict"]).eval()
+    assert sum(p.numel() for p in enc.tokenizer.parameters()) == 101_376           # the fixture's count
+    assert sum(p.numel() for p in enc.parameters()) == 446_816
+    with torch.no_grad():
+        tok, pos = enc.embed(t["patches"], t["centers"])
+        x, hidden = enc.encode(tok, pos, return_hidden=True)
+        enc.tokenizer.num_chunks = 2                                              # official process_num_chunks
+        tok2 = enc.tokenizer(t["patches"])
+    diff = lambda a, b: (a - b).abs().max().item()
+    assert diff(tok, t["token_embeddings"]) <= 1e-5 and torch.equal(tok, tok2)
+    assert diff(pos, t["pos_embeddings"]) <= 1e-5
+    assert len(hidden) == len(t["hidden_states"]) == 3
     for ours, theirs in zip(hidden, t["hidden_states"]):
         assert diff(ours, theirs) <= 1e-5
     assert diff(x[:, 0], t["cls"]) <= 1e-5 and diff(x[:, 1:], t["patch_tokens"]) <= 1e-5
