@@ -58,6 +58,8 @@ def trunc_normal_(tensor, std: float, a: float = -2.0, b: float = 2.0):
     """nn.init.trunc_normal_(tensor, std=std) as torch 2.13 draws it: normal(0, std), values outside
     [a, b] drawn again. Torch 2.3.1 draws uniform + erfinv + clamp instead, so the same seed gave other
     weights on each; written out, every version draws the same ones."""
+    if tensor.is_meta:  # a model built on the meta device (shapes and counts only) holds no values
+        return tensor
     with torch.no_grad():
         tensor.normal_(0.0, std)
         while True:
@@ -133,8 +135,10 @@ class Config:
     depth: int = 12
     num_heads: int = 6
     mlp_ratio: float = 4.0
-    tokenizer_dims: tuple = (128, 256, 512)  # point_embedding hidden_dims
+    tokenizer_dims: tuple = (128, 256, 512)  # point_embedding hidden_dims; nested per stage for B and L
+    tokenizer_chunks: int = 1         # point_embedding process_num_chunks (B 2, L 4): memory only, same numbers
     pos_hidden: int = 128
+    drop_path: float = 0.0            # encoder_config drop_path_p (B 0.2, L 0.4), the same in every block
     # masking (ssrl_model.yaml: mask_generator, InverseBlockPatchMasking)
     mask_ratio: float = 0.7
     num_masks: int | None = None      # multi_mask; None: 4, or 8 in `mask` mode
@@ -185,9 +189,22 @@ class Config:
                 setattr(self, key, value)
 
 
+# The paper's three sizes, from configs/ssrl/ssrl.yaml (S) and configs/ssrl/variants/model/ssrl_model_{base,
+# large}.yaml merged on top (B, L): encoder_config, predictor_config, projection_head_config, patch_embedding.
+SMALL = {}                      # AsymDSD-S exactly as the official ShapeNet pretraining (the Config defaults)
+BASE = dict(embed_dim=768, depth=12, num_heads=12, drop_path=0.2,
+            tokenizer_dims=((256, 512, 1024), (2048,)), tokenizer_chunks=2,
+            predictor_dim=384, predictor_depth=6, predictor_heads=6)
+LARGE = dict(embed_dim=1024, depth=24, num_heads=16, drop_path=0.4,
+             tokenizer_dims=((256, 512, 1024), (2048,)), tokenizer_chunks=4,
+             predictor_dim=512, predictor_depth=6, predictor_heads=8, head_hidden=2048)
+
 PRESETS = {
-    # AsymDSD-S exactly as the official ShapeNet pretraining (the Config defaults).
-    "paper": {},
+    "small": SMALL,
+    "base": BASE,
+    "large": LARGE,
+    # `paper` is `small` under its first name: commands and records that say --preset paper keep working.
+    "paper": SMALL,
     # A small model for CPU: 19 ModelNet40 epochs in under half an hour on 2 cores (RESULTS.md).
     # Crops keep 512 / 128 points in 16-point patches, because per-point tokenizer work dominates
     # a small model on CPU; D = 96 and a 512-prototype head cut the rest.
@@ -225,16 +242,32 @@ def config_from_dict(saved: dict) -> Config:
     """The Config stored in a checkpoint (lists back to tuples; keys of older versions ignored). A `mask`
     run's crop counts are the mode's: make_views cuts one global crop and no local ones whatever they say."""
     names = {f.name for f in dataclasses.fields(Config)}
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in names}
+    nested = lambda v: tuple(nested(x) for x in v) if isinstance(v, (list, tuple)) else v
+    values = {k: nested(v) if isinstance(v, list) else v for k, v in saved.items() if k in names}
     if values.get("mode") == "mask":
         values.update(num_global_crops=1, num_local_crops=0)
     return Config(**values)
 
 
+def parameter_counts(cfg: Config) -> dict:
+    """Parameters per part, counted as the official code's modules hold them (the model is built on the
+    meta device: shapes only, no memory). tokenizer = tokenizer + position MLP; predictor without the
+    mask token (a top-level official parameter); heads are each one projection head."""
+    with torch.device("meta"):
+        model = AsymDSD(cfg)
+    count = lambda module: sum(p.numel() for n, p in module.named_parameters() if n != "mask_token")
+    s = model.student
+    return dict(encoder=count(s["encoder"]), tokenizer=count(s["encoder"].tokenizer) + count(s["encoder"].pos_embed),
+                predictor=count(s["predictor"]) if "predictor" in s else 0,
+                cls_head=count(s["cls_head"]) if "cls_head" in s else 0,
+                patch_head=count(s["patch_head"]) if "patch_head" in s else 0)
+
+
 def encoder_kwargs(cfg: Config) -> dict:
     """The PointEncoder arguments of a config: the one place where encoder sizes leave the Config."""
     return dict(dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
-                tokenizer_dims=tuple(cfg.tokenizer_dims), pos_hidden=cfg.pos_hidden, cls_token=cfg.mode != "mask")
+                tokenizer_dims=tuple(cfg.tokenizer_dims), pos_hidden=cfg.pos_hidden, cls_token=cfg.mode != "mask",
+                tokenizer_chunks=cfg.tokenizer_chunks)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -574,7 +607,7 @@ class FeedForward(nn.Module):
 
 def drop_path(x, rate: float, training: bool):
     """Stochastic depth: zero the residual branch of a random fraction `rate` of the samples and
-    rescale the rest by 1/(1-rate). Off in pretraining; 0.2 in fine-tuning (drop_path_rate)."""
+    rescale the rest by 1/(1-rate). Pretraining: off for S, 0.2 for B, 0.4 for L; fine-tuning: 0.2."""
     if rate == 0.0 or not training:
         return x
     keep = torch.rand(x.shape[0], *([1] * (x.ndim - 1)), device=x.device) >= rate   # (B, 1, 1)
@@ -607,9 +640,12 @@ class TransformerEncoder(nn.Module):
     """A stack of pre-norm blocks and a final RMSNorm. Returns the normed output and, on request,
     every block's output before the final norm."""
 
-    def __init__(self, dim: int, depth: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
+    def __init__(self, dim: int, depth: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0,
+                 uniform_drop_path: bool = False):
         super().__init__()
-        rates = torch.linspace(0, drop_path, depth).tolist()  # rising linearly over depth (fine-tuning only)
+        # Fine-tuning: rising linearly over depth. Pretraining B and L: the same rate in every block
+        # (encoder_config uniform_drop_path: true).
+        rates = [drop_path] * depth if uniform_drop_path else torch.linspace(0, drop_path, depth).tolist()
         self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio, r) for r in rates)
         self.norm = RMSNorm(dim)
 
@@ -627,13 +663,13 @@ class PointEncoder(nn.Module):
     part of the model the released checkpoints hold (`teacher.point_encoder.*`)."""
 
     def __init__(self, dim=384, depth=12, num_heads=6, mlp_ratio=4.0, tokenizer_dims=(128, 256, 512),
-                 pos_hidden=128, cls_token=True, drop_path=0.0):
+                 pos_hidden=128, cls_token=True, drop_path=0.0, tokenizer_chunks=1, uniform_drop_path=False):
         super().__init__()
-        self.tokenizer = make_tokenizer(dim, tokenizer_dims)
+        self.tokenizer = make_tokenizer(dim, tokenizer_dims, tokenizer_chunks)
         self.pos_embed = PositionEmbedding(dim, pos_hidden)
         # One CLS token with a zero positional encoding; absent in the `mask` mode.
         self.cls_token = nn.Parameter(trunc_normal_(torch.empty(1, 1, dim), std=INIT_STD)) if cls_token else None
-        self.encoder = TransformerEncoder(dim, depth, num_heads, mlp_ratio, drop_path)
+        self.encoder = TransformerEncoder(dim, depth, num_heads, mlp_ratio, drop_path, uniform_drop_path)
 
     def embed(self, patches, centers):
         """patches (B, G, K, 3), centers (B, G, 3) -> tokens (B, G, D), pos (B, G, D)"""
@@ -841,7 +877,9 @@ class AsymDSD(nn.Module):
             raise ValueError("the CLS loss compares the two global crops: num_global_crops must be 2")
         self.cfg = cfg
         self.use_cls, self.use_patch = cfg.mode != "mask", cfg.mode != "cls"
-        student = {"encoder": PointEncoder(**encoder_kwargs(cfg))}
+        # B and L drop paths in pretraining. The teacher is built from the same encoder config and is in train
+        # mode during the official fit (no .eval() on it in asymdsd/models/asymdsd.py), so its copy drops too.
+        student = {"encoder": PointEncoder(**encoder_kwargs(cfg), drop_path=cfg.drop_path, uniform_drop_path=True)}
         head = lambda: ProjectionHead(cfg.embed_dim, cfg.head_hidden, cfg.head_bottleneck, cfg.num_prototypes)
         if self.use_cls:
             student["cls_head"] = head()
@@ -1080,8 +1118,8 @@ def validate(cfg: Config):
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         ok = {"int": number and isinstance(value, int), "float": number, "bool": isinstance(value, bool),
               "str": isinstance(value, str),
-              "tuple": isinstance(value, tuple) and len(value) == len(field.default or ())
-                       and all(isinstance(x, (int, float)) for x in value)}[kind]
+              "tuple": isinstance(value, tuple) and (name == "tokenizer_dims" or  # checked below: S or B/L form
+                       len(value) == len(field.default or ()) and all(isinstance(x, (int, float)) for x in value))}[kind]
         if not (ok or (value is None and optional)):
             size = f" of {len(field.default)}" if kind == "tuple" else ""
             problems.append(f"{name}={value!r}: expected {TYPE_WORDS[kind]}{size}")
@@ -1115,7 +1153,12 @@ def validate(cfg: Config):
     need(0 <= min(c.ema_momentum) <= max(c.ema_momentum) <= 1, f"ema_momentum={c.ema_momentum}: within [0, 1]")
     need(0 <= min(c.betas) and max(c.betas) < 1, f"betas={c.betas}: within [0, 1)")
     need(0 <= c.center_momentum <= 1, f"center_momentum={c.center_momentum}: within [0, 1]")
-    need(all(d > 0 for d in c.tokenizer_dims), f"tokenizer_dims={c.tokenizer_dims}: must be above 0")
+    flat = [d for h in c.tokenizer_dims for d in (h if isinstance(h, tuple) else (h,))]
+    need(all(isinstance(d, int) and d > 0 for d in flat) and (len(c.tokenizer_dims) == 3 or not
+         all(isinstance(h, int) for h in c.tokenizer_dims)),
+         f"tokenizer_dims={c.tokenizer_dims}: three widths (S) or one tuple of widths per stage (B, L), all above 0")
+    need(c.tokenizer_chunks >= 1, f"tokenizer_chunks={c.tokenizer_chunks}: must be 1 or more")
+    need(0.0 <= c.drop_path < 1.0, f"drop_path={c.drop_path}: must be in [0, 1)")
     need(c.embed_dim % c.num_heads == 0, f"embed_dim={c.embed_dim} is not a multiple of num_heads={c.num_heads}")
     need(c.predictor_dim % c.predictor_heads == 0,
          f"predictor_dim={c.predictor_dim} is not a multiple of predictor_heads={c.predictor_heads}")
@@ -1435,6 +1478,8 @@ def parse_value(key: str, text: str):
     try:
         if kind == "bool":
             return {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}[text.lower()]
+        if key == "tokenizer_dims" and "/" in text:  # per stage, stages split by "/": 256,512,1024/2048
+            return tuple(tuple(int(v) for v in stage.split(",")) for stage in text.split("/"))
         if kind == "tuple":
             return tuple(type(field.default[0])(v) for v in text.split(","))
         return {"int": int, "float": float, "str": str}[kind](text)
@@ -1557,7 +1602,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--download", action="store_true", help="download ModelNet40 if it is missing")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable shapes (warned, counted) instead of stopping")
     p.add_argument("--preset", choices=sorted(PRESETS),
-                   help="paper = AsymDSD-S as the official code; tiny = small model for CPU (default: paper)")
+                   help="small, base, large = AsymDSD-S, -B, -L as the official code (paper = small); "
+                        "tiny = small model for CPU (default: small)")
     p.add_argument("--mode", choices=list(MODE_DEFAULTS),
                    help="cls_mask = AsymDSD; cls = invariance only; mask = MPM only" + d("mode"))
     p.add_argument("--epochs", type=int, help="training epochs" + d("epochs"))

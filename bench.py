@@ -4,8 +4,10 @@
   python bench.py patchify  --batch-size 32                         FPS + kNN as N and G grow
   python bench.py predictor --rows 64                               cross vs masked-self vs full-self
   python bench.py profile   --presets tiny --batch-sizes 16         top ops by self time (torch.profiler)
+  python bench.py params                                            parameters per part, every preset
   python bench.py all --json bench_cpu.json                         everything at CPU-friendly sizes
-  GPU:  python bench.py step --presets paper --batch-sizes 128 --precision bf16 fp16 --compile off on
+  GPU:  python bench.py step --presets small base --batch-sizes 128 --precision bf16 --compile off on
+        python bench.py step --presets large --batch-sizes 64 --precision bf16 (L: the largest batch that fits)
         (several precisions / compile settings run one after another in one invocation, for ratios)
   On a CPU shared with other busy processes add --threads 1 (OpenMP regions with more threads stall
   when one of their cores is taken).
@@ -134,6 +136,21 @@ def predictor_macs(cfg: A.Config, Tc: int, Q: int) -> int:
     return D * E * (Tc + Q) + cfg.predictor_depth * block_macs(Q, Tk, E, int(E * cfg.mlp_ratio)) + Q * E * D
 
 
+def tokenizer_macs(cfg: A.Config) -> int:
+    """One patch through the tokenizer. S: mini-PointNet per point, the pooled half of block 2's first
+    Linear once per patch. B, L: every stage's Linears per point (the concat keeps the full width)."""
+    K, D, dims = cfg.patch_size, cfg.embed_dim, cfg.tokenizer_dims
+    if all(isinstance(h, int) for h in dims):
+        h1, h2, h3 = dims
+        return K * (3 * h1 + h1 * h2 + h2 * h3 + h3 * D) + h2 * h3
+    macs, width = 0, 3
+    for i, stage in enumerate(dims):
+        sizes = [width, *stage] + ([D] if i == len(dims) - 1 else [])
+        macs += K * sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
+        width = 2 * sizes[-1]
+    return macs
+
+
 def step_flops(cfg: A.Config, B: int) -> dict:
     """Model FLOPs of one cls_mask training step by part (the passes of official AsymDSD.training_step,
     asymdsd/models/asymdsd.py), 2 FLOPs per multiply-add.
@@ -143,9 +160,7 @@ def step_flops(cfg: A.Config, B: int) -> dict:
                             cfg.local_patches, cfg.patch_size, cfg.embed_dim)
     Q = round(cfg.mask_ratio * G)
     V, E, P = G - Q, cfg.predictor_dim, cfg.num_prototypes
-    h1, h2, h3 = cfg.tokenizer_dims
-    # per patch: mini-PointNet per point; the pooled half of block 2's first Linear once per patch
-    tok = K * (3 * h1 + h1 * h2 + h2 * h3 + h3 * D) + h2 * h3
+    tok = tokenizer_macs(cfg)                                            # per patch
     pos = 3 * cfg.pos_hidden + cfg.pos_hidden * D                        # per centre
     head = D * cfg.head_hidden + cfg.head_hidden ** 2 + cfg.head_hidden * cfg.head_bottleneck + cfg.head_bottleneck * P
     enc = lambda T: cfg.depth * block_macs(T, T, D, int(D * cfg.mlp_ratio))      # per sequence of T tokens
@@ -455,12 +470,31 @@ def phase_times(preset, B, device, precision, source_points, repeats) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# 6b. Parameters: every preset's parts, counted as the official modules hold them
+# ----------------------------------------------------------------------------------------------
+
+def run_params(args) -> list:
+    """One JSON line per preset (all presets unless --presets), then a table. The official counts of S, B
+    and L (remcofl/AsymDSD, configs/ssrl/ssrl.yaml and variants/model/ssrl_model_{base,large}.yaml) are
+    equal to these; test_param_counts_equal_official checks them."""
+    presets = args.presets_given or [p for p in A.PRESETS if A.PRESETS[p] is not A.SMALL or p == "small"]
+    rows = [{"preset": p, **A.parameter_counts(A.Config(**A.preset_settings(p)))} for p in presets]
+    for r in rows:
+        print(json.dumps(r))
+    keys = ["encoder", "tokenizer", "predictor", "cls_head", "patch_head"]
+    print(f"{'preset':>7} " + " ".join(f"{k:>12}" for k in keys) + "   (tokenizer = tokenizer + position MLP)")
+    for r in rows:
+        print(f"{r['preset']:>7} " + " ".join(f"{r[k]:>12,}" for k in keys))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
 # 7. CLI
 # ----------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("what", choices=["step", "patchify", "predictor", "profile", "all"])
+    p.add_argument("what", choices=["step", "patchify", "predictor", "profile", "params", "all"])
     p.add_argument("--presets", nargs="+", default=None, choices=sorted(A.PRESETS), help="default: paper tiny")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=None,
                    help="default: 128 on CUDA, 2 4 on CPU (tiny: see --tiny-batch-sizes)")
@@ -487,6 +521,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.device = str(A.resolve_device(args.device))
     cpu = args.device == "cpu"
+    args.presets_given = args.presets
     args.presets = args.presets or ["paper", "tiny"]
     args.compile = ["off"] if args.compile is None else (args.compile or ["on"])
     if args.batch_sizes is None:
@@ -509,6 +544,9 @@ def main(argv=None):
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version()}
     results = {"meta": meta}
+    if args.what == "params":  # counts only: no timing, nothing to add to "all"
+        results["params"] = run_params(args)
+        return results
     jobs = {"step": run_step, "patchify": run_patchify, "predictor": run_predictor, "profile": run_profile}
     for name in (jobs if args.what == "all" else [args.what]):
         results[name] = jobs[name](args)

@@ -451,6 +451,38 @@ def test_losses_stay_fp32_under_autocast(dtype):
 # 9. AsymDSD: the student, the EMA teacher, and the loss of one step
 # ----------------------------------------------------------------------------------------------
 
+# The official counts (remcofl/AsymDSD, its configs for S, B, L): encoder, tokenizer + position MLP,
+# predictor (without the mask token), each projection head.
+OFFICIAL_PARAMS = {"small": (21_786_240, 542_592, 2_804_736, 2_763_008),
+                   "base": (91_484_928, 6_530_304, 11_212_800, 3_156_224),
+                   "large": (309_128_960, 7_087_872, 19_931_136, 7_876_864)}
+
+
+@pytest.mark.parametrize("preset", sorted(OFFICIAL_PARAMS))
+def test_param_counts_equal_official(preset):
+    cfg = A.Config(**A.preset_settings(preset))
+    A.validate(cfg)
+    n = A.parameter_counts(cfg)
+    assert (n["encoder"], n["tokenizer"], n["predictor"], n["cls_head"]) == OFFICIAL_PARAMS[preset]
+    assert n["patch_head"] == n["cls_head"]
+
+
+def test_paper_preset_is_small_and_sizes_reach_the_model():
+    assert A.PRESETS["paper"] == A.PRESETS["small"] and A.Config(**A.PRESETS["paper"]) == A.Config()
+    cfg = A.Config(**{**A.PRESETS["base"], "embed_dim": 48, "num_heads": 2, "depth": 2,
+                      "tokenizer_dims": ((8, 16), (32,)), "predictor_dim": 24, "predictor_heads": 2,
+                      "head_hidden": 16, "head_bottleneck": 8, "num_prototypes": 32})
+    model = A.AsymDSD(cfg)
+    for side in ("student", "teacher"):
+        enc = getattr(model, side)["encoder"]
+        assert isinstance(enc.tokenizer, A.TwoStageTokenizer) and enc.tokenizer.num_chunks == 2
+        assert [b.drop_path for b in enc.encoder.blocks] == [0.2, 0.2]          # uniform, as the B config
+    assert A.config_from_dict(json.loads(json.dumps(dataclasses.asdict(cfg)))).tokenizer_dims == ((8, 16), (32,))
+    assert A.parse_value("tokenizer_dims", "256,512,1024/2048") == ((256, 512, 1024), (2048,))
+    with pytest.raises(SystemExit, match="tokenizer_dims"):
+        A.validate(dataclasses.replace(cfg, tokenizer_dims=((8, 0), (32,))))
+
+
 def batch_views(cfg, seed=0, B=4):
     g = torch.Generator().manual_seed(seed)
     return A.make_views(torch.randn(B, 300, 3, generator=g), cfg, g), g
@@ -2006,6 +2038,21 @@ def test_fewshot_runs_every_requested_fold(tmp_path):
 # ==============================================================================================
 # bench.py: FLOP counts, parameter counts, benchmark commands
 # ==============================================================================================
+
+def test_bench_params_prints_one_json_line_per_preset(capsys):
+    rows = bench.main(["params", "--presets", "small", "base", "tiny"])["params"]
+    lines = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
+    assert lines == rows and [r["preset"] for r in rows] == ["small", "base", "tiny"]
+    assert all(isinstance(r[k], int) for r in rows for k in ("encoder", "tokenizer", "predictor", "cls_head", "patch_head"))
+    assert rows[1]["encoder"] == OFFICIAL_PARAMS["base"][0]
+
+
+def test_two_stage_tokenizer_macs_match_flop_counter():
+    cfg = A.Config(embed_dim=16, tokenizer_dims=((4, 8), (12,)), patch_size=5)
+    tok = A.TwoStageTokenizer(16, cfg.tokenizer_dims)
+    counted = bench.counted_flops(lambda: tok(torch.randn(3, 5, 3)))
+    assert counted == 2 * 3 * bench.tokenizer_macs(cfg)
+
 
 def test_analytic_step_flops_match_flop_counter():
     """The closed-form count (x3 for trained passes, x1 for the teacher) against FlopCounterMode on
