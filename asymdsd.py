@@ -33,13 +33,16 @@ Dimension legend used in every shape comment:
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import dataclasses
 import json
 import math
 import os
+import pickle
 import sys
 import time
+import types
 from dataclasses import dataclass
 
 import torch
@@ -1733,6 +1736,103 @@ def load_checked(module: nn.Module, state: dict, what: str):
                          f"Shapes: {shapes[:4]}. Build the model with the checkpoint's sizes "
                          "(embed_dim, depth, num_heads, tokenizer_dims, ...).")
     module.load_state_dict(state)
+
+
+class StandIn:
+    """An object of the official package that a released checkpoint's pickle names (an enum member, a layer
+    class, a jsonargparse Path), kept as plain data: the arguments it was rebuilt with and its state. Nothing
+    of the official package is imported or run; a subclass per name records which one it stands for."""
+
+    official_name = ""
+
+    def __init__(self, *args):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __repr__(self):
+        return f"{self.official_name}{self.args or ''}"
+
+
+# The non-tensor globals of a Lightning checkpoint of the official training (hyper_parameters: training_mode,
+# cls_predictor, norm_layer, act_layer, the logger's config path). GELU is torch's own and comes as itself.
+OFFICIAL_STAND_INS = {name: type(name.rsplit(".", 1)[1], (StandIn,), {"official_name": name})
+                      for name in ("asymdsd.models.asymdsd.TraingingMode", "asymdsd.models.asymdsd.ClsPredictor",
+                                   "asymdsd.layers.normalization.RMSNorm", "jsonargparse._util.Path")}
+OFFICIAL_TORCH_GLOBALS = {"torch.nn.modules.activation.GELU": nn.GELU}
+
+
+class _AllowlistUnpickler(pickle.Unpickler):
+    """For torch before 2.4, which has no safe_globals: the same allowlist as a restricted find_class. Tensors
+    reach it through torch's own storage handling; everything else must be on the list."""
+
+    PLAIN = {"collections.OrderedDict": collections.OrderedDict, "torch._utils._rebuild_tensor_v2": None,
+             "torch._utils._rebuild_parameter": None}
+
+    def find_class(self, module, name):
+        full = f"{module}.{name}"
+        if full in OFFICIAL_STAND_INS:
+            return OFFICIAL_STAND_INS[full]
+        if full in OFFICIAL_TORCH_GLOBALS:
+            return OFFICIAL_TORCH_GLOBALS[full]
+        if full in self.PLAIN or (module == "torch" and name.endswith("Storage")):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {full}")
+
+
+def load_allowlisted(path: str, fallback: bool = False) -> dict:
+    """torch.load of a file whose pickle may name the official globals above and nothing else: weights_only
+    with safe_globals (torch 2.4 and later), else the restricted unpickler. Raises pickle.UnpicklingError
+    naming any other global; the project's own module name `asymdsd` is never imported for it."""
+    if hasattr(torch.serialization, "safe_globals") and not fallback:
+        allow = [(cls, name) for name, cls in OFFICIAL_STAND_INS.items()] + list(OFFICIAL_TORCH_GLOBALS.values())
+        with torch.serialization.safe_globals(allow):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    module = types.SimpleNamespace(__name__="pickle", Unpickler=_AllowlistUnpickler, load=pickle.load)
+    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=module)
+
+
+def official_encoder_sizes(ckpt: dict, which: str = "teacher", num_heads: int | None = None) -> dict:
+    """PointEncoder sizes of an official Lightning checkpoint, read from hyper_parameters (encoder_config
+    init_args: width, heads, depth; the tokenizer's class_path and hidden_dims) and confirmed by the tensor
+    shapes. The `embed_dim` entries under patch_embedding are the config class's default (384) whatever the
+    real width, so they are not read. A num_heads that contradicts the file raises ValueError naming both."""
+    hp, state = ckpt.get("hyper_parameters") or {}, ckpt["state_dict"]
+    p = f"{which}.point_encoder."
+    enc = (hp.get("encoder_config") or {}).get("init_args") or {}
+    tok_cfg = (((hp.get("patch_embedding") or {}).get("init_args") or {}).get("point_embedding")) or {}
+    if "embed_dim" not in enc or "num_layers" not in enc:
+        raise ValueError("its hyper_parameters hold no encoder_config (width, heads, depth)")
+    dim, depth, heads = int(enc["embed_dim"]), int(enc["num_layers"]), enc.get("num_heads")
+    dims = (tok_cfg.get("init_args") or {}).get("hidden_dims")
+    two_stage = str(tok_cfg.get("class_path", "")).endswith("VarMemEfficientPointMaxEmbeddingConfig")
+    if dims is None:
+        raise ValueError("its hyper_parameters hold no tokenizer hidden_dims")
+    dims = tuple(tuple(int(d) for d in stage) for stage in dims) if two_stage else tuple(int(d) for d in dims)
+    if heads is None and num_heads is None:
+        raise ValueError("the file does not say how many attention heads the encoder has; pass --num-heads")
+    if heads is not None and num_heads is not None and int(num_heads) != int(heads):
+        raise ValueError(f"--num-heads {num_heads} contradicts the file, which was trained with {heads} heads")
+    width = state.get(p + "encoder.norm.weight")
+    blocks = {k[len(p + "encoder.stack."):].split(".")[0] for k in state if k.startswith(p + "encoder.stack.")}
+    if width is None or width.shape[0] != dim or len(blocks) != depth:
+        raise ValueError(f"its hyper_parameters (width {dim}, {depth} layers) contradict its tensors "
+                         f"(width {None if width is None else width.shape[0]}, {len(blocks)} layers)")
+    pos = state[p + "patch_embedding.position_embedding.position_embedding.0.weight"].shape[0]
+    return dict(dim=dim, depth=depth, num_heads=int(heads if heads is not None else num_heads),
+                mlp_ratio=float(enc.get("hidden_ratio", 4.0)), tokenizer_dims=dims, pos_hidden=pos,
+                cls_token=p + "cls_token" in state)
+
+
+def official_training_mode(ckpt: dict) -> str:
+    """'cls_mask', 'cls' or 'mask': hyper_parameters' training_mode, else what the state_dict holds."""
+    mode = (ckpt.get("hyper_parameters") or {}).get("training_mode")
+    if isinstance(mode, StandIn) and mode.args:
+        return str(mode.args[0])
+    state = ckpt["state_dict"]
+    has_cls, has_mpm = "teacher.point_encoder.cls_token" in state, "student.predictor.module.norm.weight" in state
+    return "cls_mask" if has_cls and has_mpm else "cls" if has_cls else "mask"
 
 
 def load_official_encoder(encoder: PointEncoder, official: dict, which: str = "teacher") -> PointEncoder:

@@ -132,8 +132,9 @@ def encoder_from_checkpoint(ckpt: dict, which: str = "teacher", num_heads: int |
     if kind == "project":
         cfg = asymdsd.config_from_dict(ckpt["config"])
         sizes = asymdsd.encoder_kwargs(cfg)
-        if num_heads:
-            sizes["num_heads"] = num_heads
+        if num_heads and num_heads != sizes["num_heads"]:
+            raise ValueError(f"--num-heads {num_heads} contradicts the file, which was trained with "
+                             f"{sizes['num_heads']} heads")
         if which not in ckpt:
             raise ValueError(f"this checkpoint holds no {which} weights (an epoch snapshot keeps the teacher only)")
         state = {k[len("encoder."):]: v for k, v in ckpt[which].items() if k.startswith("encoder.")}
@@ -147,21 +148,51 @@ def encoder_from_checkpoint(ckpt: dict, which: str = "teacher", num_heads: int |
         patching.update(ckpt.get("patchify", {}))
     else:
         state = ckpt.get("state_dict", ckpt)
-        sizes = infer_official_sizes(state, which, num_heads)
+        if "hyper_parameters" in ckpt:  # a Lightning .ckpt of the official training: the file says its sizes
+            sizes = asymdsd.official_encoder_sizes(ckpt, which, num_heads)
+            glob = (((ckpt["hyper_parameters"].get("data") or {}).get("init_args") or {}).get("patchify") or {})
+            glob = (glob.get("global_patchify") or {}).get("init_args") or {}
+            patching = dict(num_patches=glob.get("num_patches"), patch_size=glob.get("patch_size"))
+        else:
+            sizes = infer_official_sizes(state, which, num_heads)
         encoder = asymdsd.load_official_encoder(asymdsd.PointEncoder(**sizes), state, which)
+        mode = asymdsd.official_training_mode(ckpt) if "hyper_parameters" in ckpt else "unknown"
+        n_keys = sum(k.startswith(f"{which}.point_encoder.") for k in state)
+        print(f"loaded an official AsymDSD checkpoint: {describe_size(sizes)}, "
+              f"{sum(p.numel() for p in encoder.parameters()):,} encoder parameters, training mode {mode}, "
+              f"{n_keys} {which} encoder keys mapped (of {len(state)} in its state_dict; "
+              f"{'no CLS token: features from the patch tokens' if not sizes['cls_token'] else 'with CLS token'})")
     return encoder.eval(), dict(kind=kind, sizes=sizes, **patching)
 
 
+def describe_size(sizes: dict) -> str:
+    """'AsymDSD-B (width 768, 12 heads, 12 layers, two-stage tokenizer ...)'; a width no release has is 'custom'."""
+    name = {384: "S", 768: "B", 1024: "L"}.get(sizes["dim"], "custom")
+    two = not all(isinstance(h, int) for h in sizes["tokenizer_dims"])
+    return (f"AsymDSD-{name} (width {sizes['dim']}, {sizes['num_heads']} heads, {sizes['depth']} layers, "
+            f"{'two-stage' if two else 'S'} tokenizer {sizes['tokenizer_dims']})")
+
+
 def load_encoder(path: str, which: str = "teacher", num_heads: int | None = None):
-    """torch.load + encoder_from_checkpoint. `weights_only=False`: Lightning checkpoints hold
-    Python objects; only load files you trust."""
+    """Read a checkpoint (asymdsd.load_allowlisted: tensors, plain values and the few official globals that
+    released .ckpt files name, nothing else is unpickled) + encoder_from_checkpoint. Every problem ends in
+    SystemExit naming the file."""
     if not os.path.isfile(path):
         raise SystemExit(f"no checkpoint at {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # pickle, zip or EOF errors of a truncated or foreign file
-        raise SystemExit(f"{path} is not a torch checkpoint ({type(e).__name__}: {e})") from None
-    return encoder_from_checkpoint(ckpt, which, num_heads)
+        ckpt = asymdsd.load_allowlisted(path)
+    except Exception as e:  # pickle, zip or EOF errors of a truncated or foreign file; a refused global
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        if found:
+            raise SystemExit(f"{path}: refused: its pickle asks for {found.group(1)}, which is not one of the "
+                             f"objects an AsymDSD checkpoint holds (tensors, plain values and "
+                             f"{', '.join(list(asymdsd.OFFICIAL_STAND_INS) + list(asymdsd.OFFICIAL_TORCH_GLOBALS))}); "
+                             "nothing in it was run") from None
+        raise SystemExit(f"{path} is not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+    try:
+        return encoder_from_checkpoint(ckpt, which, num_heads)
+    except ValueError as e:
+        raise SystemExit(f"{path}: {e}") from None
 
 
 def random_encoder(preset: str = "paper", seed: int = 0):

@@ -1644,6 +1644,52 @@ def test_seed_worker_gives_distinct_streams():
 
 TINY = dict(dim=32, depth=2, num_heads=2, mlp_ratio=2.0, tokenizer_dims=(16, 16, 32), pos_hidden=16)
 
+# The released checkpoints' format: Lightning files written by the official training at tiny sizes (width 32,
+# 2 heads, 2 layers), one per release: AsymDSD-S, -S-CLS (no predictor, patch heads), -S-MPM (no CLS), -B.
+RELEASED = {"S": ("cls_mask", True, (16, 32, 64)), "S-CLS": ("cls", True, (16, 32, 64)),
+            "S-MPM": ("mask", False, (16, 32, 64)), "B": ("cls_mask", True, ((16, 32, 64), (128,)))}
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED))
+@pytest.mark.parametrize("fallback", [False, True])   # True: the restricted unpickler torch 2.3 uses
+def test_released_checkpoint_format_loads(name, fallback, capsys, monkeypatch):
+    path = OFFICIAL_FIXTURES / f"official_tiny_{name}.ckpt"
+    if not path.exists():
+        pytest.skip(f"official fixture {path.name} not found in {path.parent}")
+    if fallback:
+        original = A.load_allowlisted
+        monkeypatch.setattr(A, "load_allowlisted", lambda p: original(p, fallback=True))
+    mode, has_cls, dims = RELEASED[name]
+    encoder, info = evaluate.load_encoder(str(path))
+    out = capsys.readouterr().out
+    assert f"training mode {mode}" in out and "width 32, 2 heads, 2 layers" in out
+    assert info["sizes"]["tokenizer_dims"] == dims and (encoder.cls_token is not None) == has_cls
+    assert info["num_patches"] == 64 and info["patch_size"] == 32
+    state = A.load_allowlisted(str(path))["state_dict"]
+    assert torch.equal(encoder.encoder.norm.weight, state["teacher.point_encoder.encoder.norm.weight"])
+    x = encoder(torch.randn(2, 8, 32, 3), torch.randn(2, 8, 3))
+    assert x.shape == (2, 8 + has_cls, 32) and torch.isfinite(x).all()
+    with pytest.raises(SystemExit, match="--num-heads 4 contradicts the file, which was trained with 2 heads"):
+        evaluate.load_encoder(str(path), num_heads=4)
+
+
+@needs_official(OFFICIAL_TINY_S_CKPT)
+def test_released_checkpoint_truncated_or_foreign_is_refused(tmp_path):
+    data = OFFICIAL_TINY_S_CKPT.read_bytes()
+    (tmp_path / "cut.ckpt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(SystemExit, match="cut.ckpt is not a readable torch checkpoint"):
+        evaluate.load_encoder(str(tmp_path / "cut.ckpt"))
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+def test_checkpoint_with_a_global_off_the_list_is_refused(tmp_path, fallback):
+    import fractions
+    torch.save({"state_dict": {}, "hyper_parameters": {"x": fractions.Fraction(1, 3)}}, tmp_path / "f.ckpt")
+    with pytest.raises(pickle.UnpicklingError, match="fractions.Fraction"):
+        A.load_allowlisted(str(tmp_path / "f.ckpt"), fallback=fallback)
+    with pytest.raises(SystemExit, match="refused: its pickle asks for fractions.Fraction"):
+        evaluate.load_encoder(str(tmp_path / "f.ckpt"))
+
 
 def tiny_encoder(seed=0, **kw):
     torch.manual_seed(seed)
