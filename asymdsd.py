@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from einops import rearrange
 
@@ -179,6 +180,7 @@ class Config:
     device: str = "auto"
     precision: str = "auto"           # auto (bf16 on CUDA if supported, else fp16; fp32 on CPU) | fp32 | bf16 | fp16
     compile: bool = False
+    grad_checkpoint: bool = False     # recompute the student's blocks (and B/L tokenizer chunks) in backward
     out: str = "runs/asymdsd"
     num_workers: int = 8
     log_every: int = 10
@@ -470,6 +472,7 @@ class TwoStageTokenizer(nn.Module):
             widths = 2 * sizes[-1]
         self.stages = nn.ModuleList(stages)
         self.num_chunks = num_chunks
+        self.grad_checkpoint = False  # official allow_grad_ckpt: true for this tokenizer; set on the student
 
     def embed(self, x):                                               # (N, K, 3) -> (N, D)
         for stage in self.stages[:-1]:
@@ -480,7 +483,9 @@ class TwoStageTokenizer(nn.Module):
 
     def forward(self, patches):                                       # (..., K, 3)
         x = patches.reshape(-1, *patches.shape[-2:])                  # (N, K, 3)
-        out = torch.cat([self.embed(c) for c in x.chunk(self.num_chunks, dim=0)], dim=0)
+        recompute = self.grad_checkpoint and self.training and torch.is_grad_enabled()
+        embed = (lambda c: torch.utils.checkpoint.checkpoint(self.embed, c, use_reentrant=False)) if recompute else self.embed
+        out = torch.cat([embed(c) for c in x.chunk(self.num_chunks, dim=0)], dim=0)
         return out.reshape(*patches.shape[:-2], -1)                   # (..., D)
 
 
@@ -651,12 +656,16 @@ class TransformerEncoder(nn.Module):
         rates = [drop_path] * depth if uniform_drop_path else torch.linspace(0, drop_path, depth).tolist()
         self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio, r) for r in rates)
         self.norm = RMSNorm(dim)
+        self.grad_checkpoint = False  # set on the student by AsymDSD (Config.grad_checkpoint)
 
     def forward(self, x, pos, return_hidden: bool = False):            # (B, T, D), (B, T, D)
-        # NOTE: (departure 4) official checkpoints the student's blocks to save memory; AsymDSD-S fits without.
+        # NOTE: (departure 4) official checkpoints the student's blocks by default (gradient_checkpointing:
+        # true); here it is --grad-checkpoint, off by default: AsymDSD-S fits without, and steps are faster.
         hidden = []
+        recompute = self.grad_checkpoint and self.training and torch.is_grad_enabled()
         for blk in self.blocks:
-            x = blk(x, pos)
+            # Non-reentrant checkpointing restores the RNG state, so a recomputed block drops the same paths.
+            x = torch.utils.checkpoint.checkpoint(blk, x, pos, use_reentrant=False) if recompute else blk(x, pos)
             hidden.append(x)
         return (self.norm(x), hidden) if return_hidden else self.norm(x)
 
@@ -898,6 +907,8 @@ class AsymDSD(nn.Module):
         if self.use_patch:
             self.teacher["patch_center"] = Centering(cfg.num_prototypes, cfg.center_momentum)
         self.teacher.requires_grad_(False)
+        student["encoder"].encoder.grad_checkpoint = cfg.grad_checkpoint           # official: the student only
+        student["encoder"].tokenizer.grad_checkpoint = cfg.grad_checkpoint         # (the S tokenizer ignores it)
 
     def ema_pairs(self):
         """(teacher tensor, student tensor) for every EMA'd parameter, matched by name."""
@@ -1464,11 +1475,11 @@ def pretrain(cfg: Config, resume: dict | None = None) -> str:
 
 VALUE_FLAGS = ("data", "data_root", "mode", "epochs", "batch_size", "lr", "out", "device", "precision", "seed",
                "num_workers", "max_steps", "log_every")
-SWITCHES = ("compile", "download", "skip_bad")
+SWITCHES = ("compile", "download", "skip_bad", "grad_checkpoint")
 
 # What a resumed run may change: where and how fast it runs, how often it logs and saves, how long it goes
 # on. Every other setting defines what the run trains, and --resume refuses a new value for it.
-RESUME_MAY_CHANGE = ("epochs", "max_steps", "device", "precision", "compile", "num_workers", "log_every",
+RESUME_MAY_CHANGE = ("epochs", "max_steps", "device", "precision", "compile", "grad_checkpoint", "num_workers", "log_every",
                      "ckpt_every", "snapshot_every", "out", "data_root", "download", "skip_bad")
 
 
@@ -1621,6 +1632,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 on CUDA where supported, else fp16; fp32 on CPU" + d("precision"))
     p.add_argument("--compile", action="store_true", help="torch.compile the model (faster steps, slow start)")
+    p.add_argument("--grad-checkpoint", action="store_true", help="recompute the student encoder's blocks in "
+                   "backward (official gradient_checkpointing): less memory, slower steps, the same gradients")
     p.add_argument("--seed", type=int, help="weights, data order and augmentation" + d("seed"))
     p.add_argument("--num-workers", type=int, help="DataLoader workers per process" + d("num_workers"))
     p.add_argument("--max-steps", type=int, help="stop after this many steps in total (0: all epochs)" + d("max_steps"))

@@ -503,6 +503,25 @@ def test_teacher_gets_no_gradient_and_student_does(mode):
     assert expected == {k for k in logs if k.startswith("loss_")}
 
 
+@pytest.mark.parametrize("tokenizer_dims", [(16, 16, 32), ((8, 16), (32,))], ids=["S", "B"])
+def test_grad_checkpoint_gives_the_same_gradients(tokenizer_dims):
+    """--grad-checkpoint recomputes the student's blocks (and B's tokenizer chunks) in backward: the same loss
+    and gradients, with drop path on (the recomputation replays the same random draws)."""
+    grads = []
+    for ckpt in (False, True):
+        cfg = small_cfg(tokenizer_dims=tokenizer_dims, tokenizer_chunks=2, drop_path=0.2, grad_checkpoint=ckpt)
+        torch.manual_seed(0)
+        model = A.AsymDSD(cfg)
+        views, _ = batch_views(cfg)
+        torch.manual_seed(1)
+        loss, _ = model(views, 0.04, 0.05)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.student.parameters()]))
+    (l0, g0), (l1, g1) = grads
+    assert torch.equal(l0, l1) and len(g0) == len(g1)
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(g0, g1))
+
+
 def test_total_loss_is_weighted_mean_of_terms():
     cfg = small_cfg()
     model = A.AsymDSD(cfg)
