@@ -6,7 +6,7 @@
   python bench.py profile   --presets tiny --batch-sizes 16         top ops by self time (torch.profiler)
   python bench.py params                                            parameters per part, every preset
   python bench.py all --json bench_cpu.json                         everything at CPU-friendly sizes
-  GPU:  python bench.py step --presets small base --batch-sizes 128 --precision bf16 --compile off on
+  GPU:  python bench.py step --presets small base --batch-sizes 128 --precision bf16 --compile off on --grad-checkpoint off on
         python bench.py step --presets large --batch-sizes 64 --precision bf16 (L: the largest batch that fits)
         (several precisions / compile settings run one after another in one invocation, for ratios)
   On a CPU shared with other busy processes add --threads 1 (OpenMP regions with more threads stall
@@ -193,9 +193,10 @@ def counted_flops(fn) -> int:
 # 3. One training step
 # ----------------------------------------------------------------------------------------------
 
-def setup_step(preset: str, B: int, device, precision: str, compile: bool, source_points: int, seed: int = 0):
+def setup_step(preset: str, B: int, device, precision: str, compile: bool, source_points: int, seed: int = 0,
+               grad_checkpoint: bool = False):
     """Model, AdamW (as train() builds it), a random batch and a closure running one train_step."""
-    cfg = dataclasses.replace(A.Config(**A.PRESETS[preset]), batch_size=B)
+    cfg = dataclasses.replace(A.Config(**A.PRESETS[preset]), batch_size=B, grad_checkpoint=grad_checkpoint)
     torch.manual_seed(seed)
     model = A.AsymDSD(cfg).to(device)
     optimizer = A.build_optimizer(model, cfg)
@@ -223,7 +224,7 @@ def step_activations_mb(cfg, model, B, device, amp_dtype, source_points) -> floa
 
 def bench_step_config(preset: str, B: int, device: str = "cpu", precision: str = "auto", compile: bool = False,
                       repeats: int = 3, warmup: int = 1, source_points: int = 16384, count: bool = False,
-                      threads: int = 0) -> dict:
+                      threads: int = 0, grad_checkpoint: bool = False) -> dict:
     """Time, memory and FLOPs of train_step for one (preset, batch size). Runs in its own process on CPU."""
     if threads:
         torch.set_num_threads(threads)
@@ -231,7 +232,7 @@ def bench_step_config(preset: str, B: int, device: str = "cpu", precision: str =
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 (official train_ssrl.sh: CUDA_MATMUL_TF32=high)
     rss0 = rss_mb()
-    cfg, model, step = setup_step(preset, B, device, precision, compile, source_points)
+    cfg, model, step = setup_step(preset, B, device, precision, compile, source_points, grad_checkpoint=grad_checkpoint)
     warm = [time_once(step, device) for _ in range(warmup)]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -245,7 +246,7 @@ def bench_step_config(preset: str, B: int, device: str = "cpu", precision: str =
     flops = step_flops(cfg, B)
     t = summarize(times)
     out = {"preset": preset, "batch_size": B, "device": str(device), "precision": str(amp or "fp32"),
-           "compile": compile, "source_points": source_points, "warmup_s": [round(w, 4) for w in warm], **t,
+           "compile": compile, "grad_checkpoint": grad_checkpoint, "source_points": source_points, "warmup_s": [round(w, 4) for w in warm], **t,
            "cpu_s_per_step": cpu_per_step, "samples_per_s": B / t["median_s"], "peak_mem_mb": mem,
            "saved_activations_mb": acts,
            "mem_kind": "cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss_delta",
@@ -270,8 +271,9 @@ def run_step(args) -> list:
     results = []
     for preset in args.presets:
         for i, B in enumerate(batch_sizes(args, preset)):
-            for j, (prec, comp) in enumerate((p, c) for p in args.precision for c in args.compile):
-                kw = dict(preset=preset, B=B, device=args.device, precision=prec, compile=comp == "on",
+            combos = [(p, c, g) for p in args.precision for c in args.compile for g in args.grad_checkpoint]
+            for j, (prec, comp, gc) in enumerate(combos):
+                kw = dict(preset=preset, B=B, device=args.device, precision=prec, compile=comp == "on", grad_checkpoint=gc == "on",
                           repeats=args.repeats, warmup=args.warmup, source_points=args.source_points,
                           count=i == 0 and j == 0, threads=args.threads)
                 if torch.device(args.device).type == "cpu":
@@ -287,7 +289,7 @@ def run_step(args) -> list:
 def print_step_row(r: dict):
     counted = (f"  counted {r['flops_counted'] / 1e9:8.1f} GF (analytic/counted {r['flops_analytic_over_counted']:.3f})"
                if "flops_counted" in r else "")
-    print(f"{r['preset']:>6} B={r['batch_size']:<4} {r['precision']:>15}{' compiled' if r['compile'] else ''}  step min {r['min_s']:7.3f} s  "
+    print(f"{r['preset']:>6} B={r['batch_size']:<4} {r['precision']:>15}{' compiled' if r['compile'] else ''}{' grad-ckpt' if r.get('grad_checkpoint') else ''}  step min {r['min_s']:7.3f} s  "
           f"median {r['median_s']:7.3f} s  {r['samples_per_s']:8.2f} samples/s  mem {r['peak_mem_mb']:8.1f} MiB  "
           f"{r['flops_per_sample'] / 1e9:7.2f} GF/sample  {r['achieved_flops_per_s'] / 1e9:8.1f} GF/s = "
           f"{100 * r['fraction_of_matmul_peak']:.0f}% of matmul peak {r['matmul_peak_flops_per_s'] / 1e9:.0f} GF/s"
@@ -509,6 +511,9 @@ def parse_args(argv=None):
     p.add_argument("--compile", nargs="*", choices=["off", "on"], default=None,
                    help="torch.compile the model (the first warm-up step compiles): --compile alone is 'on'; "
                    "'--compile off on' runs both, one after another (step only)")
+    p.add_argument("--grad-checkpoint", nargs="*", choices=["off", "on"], default=None,
+                   help="step: recompute the student's blocks in backward: alone 'on'; '--grad-checkpoint off on' "
+                   "runs both, for the memory and time they trade")
     p.add_argument("--source-points", type=int, default=16384, help="points per input cloud (ShapeNet: 16384)")
     p.add_argument("--batch-size", type=int, default=None, help="patchify: clouds per batch (CPU 32, CUDA 128)")
     p.add_argument("--points", nargs="+", type=int, default=[1024, 2048, 8192, 16384], help="patchify: N")
@@ -524,6 +529,7 @@ def parse_args(argv=None):
     args.presets_given = args.presets
     args.presets = args.presets or ["paper", "tiny"]
     args.compile = ["off"] if args.compile is None else (args.compile or ["on"])
+    args.grad_checkpoint = ["off"] if args.grad_checkpoint is None else (args.grad_checkpoint or ["on"])
     if args.batch_sizes is None:
         args.batch_sizes = [2, 4] if cpu else [128]
         if cpu and args.tiny_batch_sizes is None:

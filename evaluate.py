@@ -660,8 +660,9 @@ def main(argv=None):
     common.add_argument("--random-init", action="store_true", help="untrained encoder of --preset (the baseline)")
     common.add_argument("--preset", default="paper", choices=sorted(asymdsd.PRESETS),
                         help="asymdsd.py preset for --random-init (default: %(default)s)")
-    common.add_argument("--num-heads", type=int, help="heads of an official checkpoint (not stored; default 6/12/16 "
-                                                      "for width 384/768/1024)")
+    common.add_argument("--num-heads", type=int, help="heads of a checkpoint that does not store them (a bare "
+                                                      "official state_dict; default 6/12/16 for width 384/768/1024); "
+                                                      "a value that contradicts the file is refused")
     common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(default: %(default)s)")
     common.add_argument("--seed", type=int, default=0, help="init / training seed (default: %(default)s)")
     common.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; 1 can be "
