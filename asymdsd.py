@@ -187,6 +187,7 @@ class Config:
     ckpt_every: int = 0               # also checkpoint every n steps (0: only at epoch ends)
     snapshot_every: int = 0           # keep <out>/epoch_NNN.pt (teacher + config) every n epochs, for curves
     max_steps: int = 0                # stop after this many steps in total (0: run all epochs); for tests
+    init: str | None = None           # start from an official .ckpt's student and teacher (fresh optimizer)
 
     def __post_init__(self):
         for key, value in MODE_DEFAULTS.get(self.mode, MODE_DEFAULTS["cls_mask"]).items():
@@ -1350,7 +1351,10 @@ def pretrain(cfg: Config, resume: dict | None = None) -> str:
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
 
-    model = AsymDSD(cfg).to(device)
+    model = AsymDSD(cfg)
+    if cfg.init and not resume:
+        init_from_official(model, cfg)
+    model = model.to(device)
     optimizer = build_optimizer(model, cfg)
     amp_dtype = autocast_dtype(cfg.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -1474,7 +1478,7 @@ def pretrain(cfg: Config, resume: dict | None = None) -> str:
 # Config defaults <- the preset <- the mode's crop and mask counts (in `mask` mode) <- flags <- --set.
 
 VALUE_FLAGS = ("data", "data_root", "mode", "epochs", "batch_size", "lr", "out", "device", "precision", "seed",
-               "num_workers", "max_steps", "log_every")
+               "num_workers", "max_steps", "log_every", "init")
 SWITCHES = ("compile", "download", "skip_bad", "grad_checkpoint")
 
 # What a resumed run may change: where and how fast it runs, how often it logs and saves, how long it goes
@@ -1632,6 +1636,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 on CUDA where supported, else fp16; fp32 on CPU" + d("precision"))
     p.add_argument("--compile", action="store_true", help="torch.compile the model (faster steps, slow start)")
+    p.add_argument("--init", metavar="PATH", help="start from a released official .ckpt (student, teacher, "
+                   "centres; a fresh optimizer): its size and mode must match --preset and --mode")
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute the student encoder's blocks in "
                    "backward (official gradient_checkpointing): less memory, slower steps, the same gradients")
     p.add_argument("--seed", type=int, help="weights, data order and augmentation" + d("seed"))
@@ -1846,6 +1852,30 @@ def official_training_mode(ckpt: dict) -> str:
     state = ckpt["state_dict"]
     has_cls, has_mpm = "teacher.point_encoder.cls_token" in state, "student.predictor.module.norm.weight" in state
     return "cls_mask" if has_cls and has_mpm else "cls" if has_cls else "mask"
+
+
+def init_from_official(model: AsymDSD, cfg: Config):
+    """--init: the student and teacher (encoders, heads, predictor, centres, mask token) of an official
+    Lightning .ckpt, for further pretraining. The file's size and training mode must be the run's; a
+    difference is refused naming both values. Optimizer and schedules start fresh."""
+    try:
+        ckpt = load_allowlisted(cfg.init)
+    except Exception as e:
+        raise ValueError(f"--init {cfg.init}: not a readable official checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+        raise ValueError(f"--init {cfg.init}: not an official Lightning checkpoint (no state_dict / hyper_parameters)")
+    sizes, mode = official_encoder_sizes(ckpt), official_training_mode(ckpt)
+    ours = encoder_kwargs(cfg)
+    differ = [f"{k}: file {sizes[k]} vs run {ours[k]}" for k in ("dim", "depth", "num_heads", "tokenizer_dims",
+                                                                 "pos_hidden") if sizes[k] != ours[k]]
+    differ += [f"mode: file {mode} vs run {cfg.mode}"] if mode != cfg.mode else []
+    if differ:
+        raise ValueError(f"--init {cfg.init} does not fit this run ({'; '.join(differ)}); choose the matching "
+                         "--preset and --mode")
+    state = convert_official_state_dict(ckpt["state_dict"])
+    load_checked(model, state, f"--init {cfg.init}")
+    print(f"initialised from {cfg.init}: width {sizes['dim']}, {sizes['num_heads']} heads, {sizes['depth']} layers, "
+          f"training mode {mode}, {sum(p.numel() for p in model.parameters()):,} parameters, {len(state)} keys mapped")
 
 
 def load_official_encoder(encoder: PointEncoder, official: dict, which: str = "teacher") -> PointEncoder:

@@ -683,6 +683,25 @@ def cli(root, out, *extra, **kw):
             *extra, "--set", *set_args(**kw)]
 
 
+@needs_official(OFFICIAL_TINY_S_CKPT)
+def test_init_from_a_released_checkpoint_starts_pretraining(tmp_path, capsys):
+    """--init: a released-format file's student and teacher start a run; a run of another size is refused."""
+    sizes = dict(depth=2, pos_hidden=128, predictor_depth=1)         # the tiny official S file's, beside SMALL's
+    cfg = small_cfg(**sizes, init=str(OFFICIAL_TINY_S_CKPT))
+    model = A.AsymDSD(cfg)
+    A.init_from_official(model, cfg)
+    state = A.load_allowlisted(str(OFFICIAL_TINY_S_CKPT))["state_dict"]
+    assert torch.equal(model.teacher["encoder"].encoder.norm.weight, state["teacher.point_encoder.encoder.norm.weight"])
+    assert torch.equal(model.teacher["patch_center"].center, state["teacher.patch_centering.center"])
+    assert "training mode cls_mask" in capsys.readouterr().out
+    root = write_modelnet_folder(tmp_path / "mn")
+    A.main(cli(root, tmp_path / "run", "--init", str(OFFICIAL_TINY_S_CKPT), "--max-steps", "1", **sizes))
+    assert [r["step"] for r in read_log(tmp_path / "run")] == [1]
+    with pytest.raises(SystemExit, match="depth: file 2 vs run 1"):
+        A.main(cli(root, tmp_path / "bad", "--init", str(OFFICIAL_TINY_S_CKPT), "--max-steps", "1",
+                   pos_hidden=128, predictor_depth=1))
+
+
 def test_run_logs_checkpoints_and_resumes_exactly(tmp_path):
     root = write_modelnet_folder(tmp_path / "mn")        # 16 train shapes -> 4 steps per epoch
     A.main(cli(root, tmp_path / "full"))
