@@ -443,13 +443,8 @@ class PatchTokenizer(nn.Module):
     def forward(self, patches):                                       # (..., K, 3)
         f = self.block_1(patches)                                     # (..., K, h2)
         pooled = f.amax(dim=-2, keepdim=True)                         # (..., 1, h2)
-        # block_2[0] applied to the concat [point, pooled], written as W_f f + W_p pooled: the
-        # pooled half once per patch instead of once per point, and no (..., K, 2*h2) concat.
-        # Same weights as the official concat layout; the same output.
-        w_f, w_p = self.block_2[0].weight.split(f.shape[-1], dim=1)
-        h = F.linear(f, w_f) + F.linear(pooled, w_p)                  # (..., K, h3)
-        h = self.block_2[3](self.block_2[2](self.block_2[1](h)))      # RMSNorm, GELU, Linear -> (..., K, D)
-        return h.amax(dim=-2)                                         # (..., D)
+        h = torch.cat([f, pooled.expand_as(f)], dim=-1)               # (..., K, 2*h2): [point, pooled]
+        return self.block_2(h).amax(dim=-2)                           # (..., K, D) -> (..., D)
 
 
 class TwoStageTokenizer(nn.Module):

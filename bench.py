@@ -137,12 +137,12 @@ def predictor_macs(cfg: A.Config, Tc: int, Q: int) -> int:
 
 
 def tokenizer_macs(cfg: A.Config) -> int:
-    """One patch through the tokenizer. S: mini-PointNet per point, the pooled half of block 2's first
-    Linear once per patch. B, L: every stage's Linears per point (the concat keeps the full width)."""
+    """One patch through the tokenizer: every Linear per point; block 2 (S) and each later stage (B, L)
+    take the concat [point, pooled], twice the previous width."""
     K, D, dims = cfg.patch_size, cfg.embed_dim, cfg.tokenizer_dims
     if all(isinstance(h, int) for h in dims):
         h1, h2, h3 = dims
-        return K * (3 * h1 + h1 * h2 + h2 * h3 + h3 * D) + h2 * h3
+        return K * (3 * h1 + h1 * h2 + 2 * h2 * h3 + h3 * D)
     macs, width = 0, 3
     for i, stage in enumerate(dims):
         sizes = [width, *stage] + ([D] if i == len(dims) - 1 else [])
