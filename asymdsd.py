@@ -649,6 +649,9 @@ class TransformerEncoder(nn.Module):
         super().__init__()
         # Fine-tuning: rising linearly over depth. Pretraining B and L: the same rate in every block
         # (encoder_config uniform_drop_path: true).
+        # NOTE: (departure 13) official B/L pretraining uses efficient_drop_path: exactly round((1-p) B) samples
+        # kept (torch.randperm), the branch computed on those only. Here each sample is kept with probability
+        # 1-p (a Bernoulli draw, as official drop_path): the same expected rate and scaling, another count per batch.
         rates = [drop_path] * depth if uniform_drop_path else torch.linspace(0, drop_path, depth).tolist()
         self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio, r) for r in rates)
         self.norm = RMSNorm(dim)
