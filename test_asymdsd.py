@@ -28,6 +28,7 @@ import asymdsd as A
 import bench
 import data
 import evaluate
+import segment
 
 ROOT = Path(__file__).resolve().parent
 
@@ -933,6 +934,132 @@ def test_oracle_full_state_dict_maps_and_refuses_mismatch(oracle):
         A.load_official_encoder(A.PointEncoder(128, 2, 2), sd)
     with pytest.raises(ValueError, match="missing"):      # a deeper model
         A.load_official_encoder(A.PointEncoder(96, 3, 2), sd)
+
+
+
+# -- part segmentation (segment.py): the official segmentation model and metric -----------------
+
+OFFICIAL_SMALL_PARTSEG = OFFICIAL_FIXTURES / "official_small_partseg.pt"
+
+
+def partseg_oracle_model(fixture):
+    """Our PartSegmenter with the official small segmentation model's weights (eval mode)."""
+    enc = A.PointEncoder(96, 3, 2, 4.0, (32, 64, 128), 128)
+    model = segment.PartSegmenter(enc, layers=(0, 1, 2), upsample_dim=96, label_dim=16, head_dims=(128, 64))
+    A.load_checked(model, segment.convert_official_seg_state_dict(fixture["state_dict"]), "official partseg fixture")
+    return model.eval()
+
+
+@needs_official(OFFICIAL_SMALL_PARTSEG)
+def test_oracle_partseg_model_matches_official():
+    fx = torch.load(OFFICIAL_SMALL_PARTSEG, weights_only=False)
+    io = fx["io"]
+    assert torch.equal(fx["state_dict"]["mean_iou.parts_mask"], segment.parts_mask())
+    model = partseg_oracle_model(fx)
+    pts = segment.normalize_with_padding(io["points"], io["num_points"])
+    torch.testing.assert_close(pts, io["points_normalized"], atol=1e-6, rtol=0)
+    # our FPS + kNN over the real points, from the official start, give the official patches
+    centers, patches = segment.patchify_real(pts, io["num_points"], 128, 32, start_idx=io["centers_idx"][:, 0])
+    torch.testing.assert_close(centers, io["centers"], atol=1e-6, rtol=0)
+    trace = {}
+    with torch.no_grad():
+        logits = model(pts, centers, patches, io["cloud_label"], trace=trace)
+    close = lambda a, b: torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    for ours, theirs in zip(trace["hidden"], io["hidden_states"]):
+        close(ours, theirs)
+    close(trace["cls"], io["cls_features"])
+    close(trace["feats"][:, io["patch_subset"]], io["layer_norm_out_subset"])
+    close(trace["feats"].mean(1), io["patch_features_mean"])
+    close(trace["feats"].amax(1), io["patch_features_max"])
+    close(trace["glob"], io["global_feature"])
+    close(model.category_embed(io["cloud_label"]), io["label_embedding"])
+    # the 3 neighbours come in topk(sorted=False) order: compare as sets, weights in the same order
+    ours, theirs = trace["idx"].sort(-1), io["upsample_idx"].sort(-1)
+    assert torch.equal(ours.values, theirs.values)
+    close(trace["weights"].gather(-1, ours.indices), io["upsample_weights"].gather(-1, theirs.indices))
+    sub = io["subset"]
+    pick = lambda t: t.gather(1, io["point_subset"][..., None].expand(-1, -1, t.shape[-1]))
+    close(pick(trace["sqdist"]).sort(-1).values, sub["upsample_sqdist"].sort(-1).values)
+    close(pick(trace["interp"]), sub["interp"])
+    # every module on the official input of that module (the stored output of the one before)
+    x = torch.cat([pick(pts), sub["interp"]], -1)
+    with torch.no_grad():
+        for j, m in enumerate(model.upsample):
+            close(m(x), sub[f"upsample_mlp.{j}"])
+            x = sub[f"upsample_mlp.{j}"]
+        x = torch.cat([x, io["global_feature"][:, None].expand(-1, 16, -1)], -1)
+        for j, m in enumerate(model.head):
+            if j == 3:  # dropout: identity in eval mode, not stored
+                continue
+            close(m(x), sub[f"segmentation_head.{j}"])
+            x = sub[f"segmentation_head.{j}"]
+    # end to end: the encoder's 3e-6 (SDPA vs nn.MultiheadAttention) is amplified by the BatchNorms
+    torch.testing.assert_close(logits, io["logits"], atol=5e-5, rtol=0)
+    assert (logits.argmax(-1) == io["logits"].argmax(-1)).float().mean() > 0.999
+    torch.testing.assert_close(torch.nn.functional.cross_entropy(logits.transpose(1, 2), io["semantic_labels"].long()),
+                               io["loss_eval"], atol=1e-5, rtol=0)
+    metric = segment.PartMIoU()
+    metric.update(logits, io["semantic_labels"], io["cloud_label"])
+    assert metric.compute()["instance_miou"] == pytest.approx(io["metric_on_batch"]["instance_mIoU"], abs=1e-5)
+    assert math.isnan(metric.compute()["class_miou"])
+
+
+@needs_official(OFFICIAL_SMALL_PARTSEG)
+def test_oracle_partseg_metric_case():
+    fx = torch.load(OFFICIAL_SMALL_PARTSEG, weights_only=False)
+    case, metric = fx["metric_case"], segment.PartMIoU()
+    for j, u in enumerate(case["updates"]):
+        B, N = u["target"].shape
+        logits = torch.zeros(B, 50, N)
+        logits.scatter_(1, u["pred_cat_top"].long()[:, None], 1.0)
+        logits.scatter_(1, u["pred_any_top"].long()[:, None], 2.0)
+        scores = metric.update(logits.transpose(1, 2), u["target"].long(), u["cloud_label"])
+        torch.testing.assert_close(scores, u["per_cloud_score"].double(), atol=1e-5, rtol=0)
+        got, want = metric.compute(), case["results"][f"after_update_{j + 1}"]
+        assert got["instance_miou"] == pytest.approx(want["instance_mIoU"], abs=1e-5)
+        if math.isnan(want["class_mIoU"]):
+            assert math.isnan(got["class_miou"]) and len(got["unseen"]) == 7
+        else:
+            assert got["class_miou"] == pytest.approx(want["class_mIoU"], abs=1e-5) and not got["unseen"]
+        torch.testing.assert_close(metric.count.double(), want["instances_per_class"].double())
+        torch.testing.assert_close(metric.score_sum, want["class_score_sum"].double(), atol=1e-5, rtol=0)
+
+
+def test_partseg_metric_edge_cases_and_many_clouds():
+    """Absent-from-both parts count 1; a predicted-but-absent part counts 0; predictions outside the
+    category are never chosen; more than 16 clouds in one update work (the official raises)."""
+    N = 8
+    target = torch.full((20, N), 12)                     # chair parts 12..15; only part 12 present
+    logits = torch.zeros(20, N, 50)
+    logits[..., 0] = 9.0                                  # airplane part: outside the category, ignored
+    logits[..., 12] = 1.0
+    metric = segment.PartMIoU()
+    scores = metric.update(logits, target, torch.full((20,), 4))
+    assert torch.allclose(scores, torch.ones(20, dtype=torch.float64))  # 12 perfect, 13-15 absent from both
+    logits[0, 0, 13] = 5.0                                # one point predicted as part 13, absent in target
+    scores = segment.PartMIoU().cloud_scores(logits[:1], target[:1], torch.tensor([4]))
+    assert scores.item() == pytest.approx((7 / 8 + 0 + 1 + 1) / 4)
+    res = metric.compute()
+    assert res["instance_miou"] == 1.0 and math.isnan(res["class_miou"]) and "airplane" in res["unseen"]
+
+
+def test_partseg_model_shapes_layers_and_padding_normalisation():
+    enc = A.PointEncoder(32, 6, 2, 2.0, (8, 16, 32), 16)
+    model = segment.PartSegmenter(enc, upsample_dim=16, label_dim=8, head_dims=(16, 8))
+    assert model.layers == (1, 3, 5)                      # the last block of each third; (3, 7, 11) of 12
+    assert segment.PartSegmenter(A.PointEncoder(32, 12, 2, 2.0, (8, 16, 32), 16)).layers == (3, 7, 11)
+    pts = torch.rand(2, 64, 3) * 4 + 1
+    n = torch.tensor([64, 40])
+    pts[1, 40:] = 0
+    x = segment.normalize_with_padding(pts, n)
+    real = x[1, :40]
+    assert real.mean(0).abs().max() < 1e-5 and real.norm(dim=-1).max() == pytest.approx(1.0, abs=1e-6)
+    centers, patches = segment.patchify_real(x, n, 8, 4, generator=torch.Generator().manual_seed(0))
+    # centres and patch points come from the real rows only (official PatchifyPC runs before padding)
+    gap = lambda q: (q[:, None] - real[None]).norm(dim=-1).min(1).values.max()
+    assert gap(centers[1]) == 0 and gap((patches[1] + centers[1][:, None]).flatten(0, 1)) < 1e-6
+    logits = model.eval()(x, centers, patches, torch.tensor([0, 4]))
+    assert logits.shape == (2, 64, 50) and torch.isfinite(logits).all()
 
 
 # ==============================================================================================
