@@ -1653,6 +1653,85 @@ def test_fewshot_pickle(tmp_path):
     assert te.points.shape == (10, 200, 3) and te[0][1] == 2
 
 
+# -- ShapeNetPart: official layout as folder, zip and tar; z-up; padding; bad files -------------
+
+def make_shapenetpart(root: Path, shapes: dict, splits: dict, extra: dict | None = None) -> Path:
+    """A ShapeNetPart tree in the official layout under root/<benchmark dir>/. shapes: 'synset/id' ->
+    (n, 7) array; splits: split -> ['synset/id', ...]; extra: member -> raw text (bad files)."""
+    top = root / data.SHAPENETPART_DIR
+    for key, rows in shapes.items():
+        (top / key).parent.mkdir(parents=True, exist_ok=True)
+        np.savetxt(top / f"{key}.txt", rows, fmt="%.6f")
+    for member, text in (extra or {}).items():
+        (top / member).parent.mkdir(parents=True, exist_ok=True)
+        (top / member).write_text(text)
+    (top / "train_test_split").mkdir(parents=True, exist_ok=True)
+    (top / "synsetoffset2category.txt").write_text("Airplane\t02691156\nChair\t03001627\n")
+    for split, keys in splits.items():
+        (top / "train_test_split" / f"shuffled_{split}_file_list.json").write_text(
+            json.dumps([f"shape_data/{k}" for k in keys]))
+    return top
+
+
+def part_rows(n: int, part: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    rows = np.zeros((n, 7), np.float32)
+    rows[:, :3] = rng.normal(size=(n, 3))
+    rows[:, 3:6] = 1.0
+    rows[:, 6] = part
+    return rows
+
+
+def test_shapenetpart_reader_layout_zup_padding_and_archives(tmp_path):
+    big, small = part_rows(3000, 1, seed=1), part_rows(100, 13, seed=2)
+    big[:, 6] = np.arange(3000) % 4                       # airplane parts 0..3
+    top = make_shapenetpart(tmp_path / "d", {"02691156/a1": big, "03001627/c1": small},
+                            {"train": ["02691156/a1", "03001627/c1"], "val": ["03001627/c1"], "test": []})
+    ds = data.build_shapenetpart(str(top), "train", num_points=2048, cache_dir=str(tmp_path / "cache"))
+    assert len(ds) == 2 and list(ds.category) == [0, 4]
+    pts, parts, n, cat = ds[1]
+    assert n == 100 and pts.shape == (2048, 3) and parts.shape == (2048,) and cat == 4
+    assert torch.equal(pts[100:], torch.zeros(1948, 3)) and (parts[100:] == 0).all() and (parts[:100] == 13).all()
+    # z-up: stored (x, y, z) = file's (z, x, y), normals dropped
+    np.testing.assert_allclose(pts[:100].numpy(), np.round(small[:, [2, 0, 1]], 6), atol=1e-6)
+    pts, parts, n, _ = ds[0]                              # 3000 points: 2048 distinct ones, labels kept with them
+    assert n == 2048 and len(np.unique(pts.numpy(), axis=0)) == 2048
+    nearest = np.linalg.norm(pts.numpy()[:, None] - big[None, :, [2, 0, 1]], axis=-1).argmin(1)   # (2048,)
+    assert len(np.unique(nearest)) == 2048 and np.array_equal(big[nearest, 6], parts.numpy())
+    assert len(data.build_shapenetpart(str(top), "val", cache_dir=str(tmp_path / "cache"))) == 1
+    # the zip and the tar of the same folder give the same clouds
+    import tarfile
+    shutil_make = __import__("shutil").make_archive
+    zpath = shutil_make(str(tmp_path / "z" / data.SHAPENETPART_DIR), "zip", tmp_path / "d", data.SHAPENETPART_DIR)
+    tpath = tmp_path / "t" / f"{data.SHAPENETPART_DIR}.tar"
+    tpath.parent.mkdir()
+    with tarfile.open(tpath, "w") as tar:
+        tar.add(top, arcname=data.SHAPENETPART_DIR)
+    for archive in (zpath, str(tpath)):
+        other = data.build_shapenetpart(archive, "train", cache_dir=str(tmp_path / f"c{len(archive)}"))
+        assert np.array_equal(other.points, ds.points) and np.array_equal(other.parts, ds.parts)
+    with pytest.raises(FileNotFoundError, match="ShapeNetPart not found"):
+        data.build_shapenetpart(str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize("text,problem", [("1 2 3 0 0 1\n", "expected 7 columns"), ("1 2 3 0 0 1 50\n", "part id 50"),
+                                          ("", "empty file"), ("1 2 x 0 0 1 3\n", "not a table")])
+def test_shapenetpart_bad_files_named_or_skipped(tmp_path, text, problem):
+    top = make_shapenetpart(tmp_path, {"02691156/ok": part_rows(50, 2)}, {"train": ["02691156/ok", "02691156/bad"]},
+                            extra={"02691156/bad.txt": text})
+    with pytest.raises(data.DataFileError, match=re.escape("bad.txt") + ".*" + problem):
+        data.build_shapenetpart(str(top), cache_dir=str(tmp_path / "c1"))
+    with pytest.warns(UserWarning, match=problem):
+        ds = data.build_shapenetpart(str(top), skip_bad=True, cache_dir=str(tmp_path / "c2"))
+    assert len(ds) == 1
+
+
+def test_shapenetpart_list_entry_without_file(tmp_path):
+    top = make_shapenetpart(tmp_path, {"02691156/ok": part_rows(50, 2)}, {"train": ["02691156/ok", "02691156/gone"]})
+    with pytest.raises(data.DataFileError, match="shuffled_train_file_list.json.*gone.*missing"):
+        data.build_shapenetpart(str(top), cache_dir=str(tmp_path / "c"))
+
+
 # -- procedural shapes and worker seeding ------------------------------------------------------
 
 def test_shapes_deterministic_labels_and_splits():
