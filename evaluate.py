@@ -507,6 +507,12 @@ def cmd_finetune(args):
     report(args, "finetune", source, settings, metrics, rows)
 
 
+def cmd_partseg(args):
+    """ShapeNetPart part segmentation: the model, metric and recipe live in segment.py."""
+    import segment
+    segment.run_partseg(args)
+
+
 def cmd_fewshot(args):
     protocol = PROTOCOLS["fewshot"]
     epochs = args.epochs or protocol["epochs"]
@@ -674,6 +680,13 @@ def main(argv=None):
     s.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="(default: %(default)s)")
     s.add_argument("--drop-path", type=float, default=DROP_PATH, help="(default: %(default)s)")
     s.set_defaults(func=cmd_fewshot)
+    s = sub.add_parser("partseg", help="fine-tune and test part segmentation on ShapeNetPart (segment.py)", **fmt)
+    s.add_argument("--epochs", type=int, help="default 300; the warm-up scales with it")
+    s.add_argument("--runs", type=int, default=1, help="repeat with seeds 0..runs-1; report mean and std (default: 1)")
+    s.add_argument("--batch-size", type=int, default=16, help="(default: %(default)s)")
+    s.add_argument("--drop-path", type=float, default=DROP_PATH, help="(default: %(default)s)")
+    s.add_argument("--out", default="partseg", help="folder for the trained models (default: %(default)s)")
+    s.set_defaults(func=cmd_partseg)
     s = sub.add_parser("export", help="write the encoder alone for use in another project", parents=[common])
     s.add_argument("--out", required=True, help="output .pt: {'config': PointEncoder kwargs, 'state_dict': ...}")
     s.set_defaults(func=cmd_export)

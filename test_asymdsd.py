@@ -2183,6 +2183,72 @@ def test_fewshot_runs_every_requested_fold(tmp_path):
         evaluate.main(base + ["--folds", "2"])
 
 
+# -- part segmentation: fine-tuning on synthetic ShapeNetPart, the command, a cloud of one's own ---
+
+def synthetic_parts(n: int, seed: int) -> dict:
+    """n ellipsoids, alternately airplane (parts 0-3) and chair (12-15), each point's part set by the
+    signs of its x and y (file coordinates), 300-400 points."""
+    rng, out = np.random.default_rng(seed), {}
+    for i in range(n):
+        cat, base = [(0, 0), (4, 12)][i % 2]
+        m = int(rng.integers(300, 400))
+        p = rng.normal(size=(m, 3))
+        p = p / np.linalg.norm(p, axis=1, keepdims=True) * rng.uniform(0.8, 1.2, 3)
+        rows = np.concatenate([p, np.ones((m, 3)), (base + 2 * (p[:, 1] > 0) + (p[:, 0] > 0))[:, None]], 1)
+        out[f"{data.SHAPENETPART_SYNSETS[cat]}/s{seed}_{i}"] = rows
+    return out
+
+
+def test_partseg_finetune_beats_random_init(tmp_path):
+    """A short fine-tuning run on tiny synthetic ShapeNetPart data lifts the instance mIoU well above
+    the same model before training (the random-init baseline). Peak lr 3e-3 instead of the recipe's
+    2e-4 so that 72 steps suffice; the schedule's shape is the recipe's."""
+    torch.manual_seed(0)
+    train_shapes, test_shapes = synthetic_parts(24, 1), synthetic_parts(8, 2)
+    top = make_shapenetpart(tmp_path, {**train_shapes, **test_shapes},
+                            {"train": list(train_shapes), "val": list(test_shapes), "test": list(test_shapes)})
+    train = data.build_shapenetpart(str(top), "train", 256, cache_dir=str(tmp_path / "c"))
+    test = data.build_shapenetpart(str(top), "test", 256, cache_dir=str(tmp_path / "c"))
+    model = segment.PartSegmenter(A.PointEncoder(32, 3, 2, 2.0, (16, 32, 32), 16), upsample_dim=32, label_dim=8,
+                                  head_dims=(32, 16))
+    before = segment.evaluate_miou(model, test, 16, 16)
+    history, best = segment.finetune(model, train, test, epochs=12, batch_size=4, num_patches=16, patch_size=16, lr=3e-3)
+    after = segment.evaluate_miou(model, test, 16, 16)
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert after["instance_miou"] > before["instance_miou"] + 0.3, (before, after)
+    assert math.isnan(after["class_miou"]) and len(after["unseen"]) == 14     # two categories only
+    assert best is not None and set(best) == set(model.state_dict())
+
+
+def test_partseg_command_saves_model_and_apply_writes_labels_and_png(tmp_path, capsys):
+    shapes = synthetic_parts(4, 3)
+    top = make_shapenetpart(tmp_path / "d", shapes, {"train": list(shapes), "val": list(shapes)[:2],
+                                                     "test": list(shapes)[2:]})
+    out, results = tmp_path / "runs", tmp_path / "r.jsonl"
+    evaluate.main(["partseg", "--random-init", "--preset", "tiny", "--data-root", str(top), "--epochs", "1",
+                   "--num-points", "128", "--patches", "8", "--patch-size", "8", "--batch-size", "4",
+                   "--out", str(out), "--results", str(results), "--cache-dir", str(tmp_path / "c")])
+    record = json.loads(results.read_text().splitlines()[-1])
+    assert record["command"] == "partseg" and record["settings"]["reported"] == "last epoch"
+    assert math.isnan(record["metrics"]["class_miou_mean"]) and "best_on_val" in record["metrics"]["runs"][0]
+    assert "class mIoU is NaN" in capsys.readouterr().out
+    cloud = tmp_path / "mine.txt"
+    np.savetxt(cloud, np.random.default_rng(0).normal(size=(300, 3)))
+    pytest.importorskip("matplotlib")
+    segment.main(["apply", str(out / "partseg_seed0.pt"), str(cloud), "--category", "chair", "--png",
+                  str(tmp_path / "mine.png"), "--num-points", "128"])
+    labels = np.loadtxt(tmp_path / "mine.parts.txt")
+    assert labels.shape == (300,) and set(labels.astype(int)) <= {12, 13, 14, 15}
+    assert (tmp_path / "mine.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit, match="unknown category"):
+        segment.main(["apply", str(out / "partseg_seed0.pt"), str(cloud), "--category", "sofa"])
+    with pytest.raises(SystemExit, match="mine.txt is not a torch file"):
+        segment.main(["apply", str(cloud), str(cloud), "--category", "chair"])
+    torch.save({"config": {}}, tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match="not a part-segmentation model"):
+        segment.main(["apply", str(tmp_path / "other.pt"), str(cloud), "--category", "chair"])
+
+
 # ==============================================================================================
 # bench.py: FLOP counts, parameter counts, benchmark commands
 # ==============================================================================================
