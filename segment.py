@@ -462,7 +462,8 @@ def run_partseg(args):
             rows.append((f"seed {r['seed']} best on val", f"instance {pct(r['best_on_val']['instance_miou'])}   "
                                                           f"class {pct(r['best_on_val']['class_miou'])}"))
     for c in CATEGORIES:
-        rows.append((f"  {c}", " ".join(pct(r["last"]["per_category"][c]) for r in runs)))
+        per_cat = [r["last"]["per_category"][c] for r in runs]
+        rows.append((f"  {c}", "no test shape" if np.isnan(per_cat[0]) else " ".join(f"{100 * v:.2f}" for v in per_cat)))
     rows += [("instance mIoU (last)", evaluate.mean_std(inst)), ("class mIoU (last)", evaluate.mean_std(cls))]
     unseen = runs[0]["last"]["unseen"]
     if unseen:
