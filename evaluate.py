@@ -685,6 +685,7 @@ def main(argv=None):
     s.add_argument("--runs", type=int, default=1, help="repeat with seeds 0..runs-1; report mean and std (default: 1)")
     s.add_argument("--batch-size", type=int, default=16, help="(default: %(default)s)")
     s.add_argument("--drop-path", type=float, default=DROP_PATH, help="(default: %(default)s)")
+    s.add_argument("--data", default="shapenetpart", choices=["shapenetpart"], help="(default: %(default)s)")
     s.add_argument("--out", default="partseg", help="folder for the trained models (default: %(default)s)")
     s.set_defaults(func=cmd_partseg)
     s = sub.add_parser("export", help="write the encoder alone for use in another project", parents=[common])
