@@ -9,8 +9,8 @@ Subcommands, in the order of this file (right: the official source, under config
   finetune  full fine-tuning, MLP head: ScanObjectNN, ModelNet40 classification/variants/finetune_*.yaml
   fewshot   few-shot ModelNet40, {5,10}-way x {10,20}-shot       classification/variants/fewshot.yaml
   export    the encoder alone: {"config": sizes, "state_dict"}   (ours, for other projects)
+  partseg   ShapeNetPart part segmentation, in segment.py        semseg/semseg.yaml
   plot      learning curves of a pretraining log.jsonl           (ours, matplotlib)
-Part segmentation (official configs/semseg/) is not implemented.
 
 Run:  python evaluate.py svm runs/asymdsd/last.pt --data modelnet40 --data-root data/ModelNet40
       python evaluate.py svm --random-init --preset tiny --data modelnet40 --data-root data/ModelNet40

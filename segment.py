@@ -334,8 +334,9 @@ def save_model(model: PartSegmenter, encoder_sizes: dict, path: str, extra: dict
                     state_dict=model.state_dict(), **(extra or {})), path)
 
 
-def load_model(path: str) -> PartSegmenter:
-    """A model written by save_model, in eval mode. Ends with one line for a foreign file."""
+def load_model(path: str, num_heads: int | None = None) -> PartSegmenter:
+    """A model written by save_model, or an official segmentation checkpoint (Lightning `state_dict`
+    layout), in eval mode. Ends with one line for a foreign file."""
     import os
     if not os.path.isfile(path):
         raise SystemExit(f"no segmentation model at {path}")
@@ -343,12 +344,30 @@ def load_model(path: str) -> PartSegmenter:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         raise SystemExit(f"{path} is not a torch file ({type(e).__name__}: {e})") from None
+    state = ckpt.get("state_dict", {}) if isinstance(ckpt, dict) else {}
+    if isinstance(ckpt, dict) and "segmentation_head.0.weight" in state:   # an official segmentation checkpoint
+        try:
+            return official_model(state, num_heads).eval()
+        except ValueError as e:
+            raise SystemExit(f"{path}: {e}") from None
     if not isinstance(ckpt, dict) or ckpt.get("kind") != "asymdsd-partseg":
         raise SystemExit(f"{path} is not a part-segmentation model written by `evaluate.py partseg` (no kind "
-                         "'asymdsd-partseg')")
+                         "'asymdsd-partseg') nor an official segmentation checkpoint")
     model = PartSegmenter(asymdsd.PointEncoder(**ckpt["encoder"]), **ckpt["segmenter"])
     asymdsd.load_checked(model, ckpt["state_dict"], path)
     return model.eval()
+
+
+def official_model(state: dict, num_heads: int | None = None, layers: tuple | None = None) -> PartSegmenter:
+    """A PartSegmenter holding an official segmentation `state_dict`, its sizes read from the tensor
+    shapes (heads: evaluate.HEADS_BY_WIDTH unless given; blocks: the last of each third unless given)."""
+    import evaluate
+    sizes = evaluate.infer_official_sizes({f"teacher.{k}": v for k, v in state.items()}, "teacher", num_heads)
+    model = PartSegmenter(asymdsd.PointEncoder(**sizes), layers, upsample_dim=state["point_upsample.mlp.0.weight"].shape[0],
+                          label_dim=state["label_embedding.weight"].shape[1],
+                          head_dims=(state["segmentation_head.0.weight"].shape[0], state["segmentation_head.4.weight"].shape[0]))
+    asymdsd.load_checked(model, convert_official_seg_state_dict(state), "the official segmentation checkpoint")
+    return model
 
 
 def read_cloud(path: str) -> torch.Tensor:
@@ -472,7 +491,7 @@ def run_partseg(args):
 
 
 def cmd_apply(args):
-    model = load_model(args.model)
+    model = load_model(args.model, args.num_heads)
     if args.category not in CATEGORIES:
         raise SystemExit(f"unknown category {args.category!r}; choose from {CATEGORIES}")
     xyz = read_cloud(args.cloud)
@@ -494,7 +513,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Apply a part-segmentation model trained by `evaluate.py partseg`.")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("apply", help="label the points of one cloud (.txt with x y z [...] per line, or .npy)")
-    s.add_argument("model", help="a partseg_seed*.pt written by `evaluate.py partseg`")
+    s.add_argument("model", help="a partseg_seed*.pt written by `evaluate.py partseg`, or an official segmentation .ckpt")
+    s.add_argument("--num-heads", type=int, help="heads of an official checkpoint (not stored; default by width)")
     s.add_argument("cloud")
     s.add_argument("--category", required=True, help=f"the object's category, one of {', '.join(CATEGORIES)}")
     s.add_argument("--out", help="labels file, one part id per point (default: CLOUD.parts.txt)")

@@ -1005,6 +1005,24 @@ def test_oracle_partseg_model_matches_official():
 
 
 @needs_official(OFFICIAL_SMALL_PARTSEG)
+def test_oracle_partseg_official_checkpoint_loads_with_inferred_sizes(tmp_path):
+    """An official segmentation checkpoint (state_dict with the metric's parts_mask) loads by itself:
+    sizes from the shapes, blocks (0, 1, 2) = the last of each third of 3; the same logits."""
+    fx = torch.load(OFFICIAL_SMALL_PARTSEG, weights_only=False)
+    torch.save({"state_dict": fx["state_dict"]}, tmp_path / "seg.ckpt")
+    model = segment.load_model(str(tmp_path / "seg.ckpt"), num_heads=2)
+    ref = partseg_oracle_model(fx)
+    assert model.layers == (0, 1, 2)
+    io = fx["io"]
+    pts = segment.normalize_with_padding(io["points"], io["num_points"])
+    centers, patches = segment.patchify_real(pts, io["num_points"], 128, 32, start_idx=io["centers_idx"][:, 0])
+    with torch.no_grad():
+        assert torch.equal(model(pts, centers, patches, io["cloud_label"]), ref(pts, centers, patches, io["cloud_label"]))
+    with pytest.raises(ValueError, match="not in the official segmentation layout"):
+        segment.convert_official_seg_state_dict({**fx["state_dict"], "extra_head.weight": torch.zeros(1)})
+
+
+@needs_official(OFFICIAL_SMALL_PARTSEG)
 def test_oracle_partseg_metric_case():
     fx = torch.load(OFFICIAL_SMALL_PARTSEG, weights_only=False)
     case, metric = fx["metric_case"], segment.PartMIoU()
