@@ -1744,6 +1744,18 @@ def test_shapenetpart_bad_files_named_or_skipped(tmp_path, text, problem):
     assert len(ds) == 1
 
 
+def test_partseg_command_on_bad_or_missing_data_ends_in_one_line(tmp_path):
+    top = make_shapenetpart(tmp_path, {"02691156/ok": part_rows(50, 2)}, {"train": ["02691156/ok", "02691156/bad"]},
+                            extra={"02691156/bad.txt": "1 2 3\n"})
+    args = ["partseg", "--random-init", "--preset", "tiny", "--cache-dir", str(tmp_path / "c"), "--results",
+            str(tmp_path / "r.jsonl"), "--data-root"]
+    with pytest.raises(SystemExit, match=r"error: .*bad\.txt: expected 7 columns.*--skip-bad"):
+        evaluate.main(args + [str(top)])
+    with pytest.raises(SystemExit, match="error: ShapeNetPart not found"):
+        evaluate.main(args + [str(tmp_path / "nowhere")])
+    assert not (tmp_path / "r.jsonl").exists()
+
+
 def test_shapenetpart_list_entry_without_file(tmp_path):
     top = make_shapenetpart(tmp_path, {"02691156/ok": part_rows(50, 2)}, {"train": ["02691156/ok", "02691156/gone"]})
     with pytest.raises(data.DataFileError, match="shuffled_train_file_list.json.*gone.*missing"):
