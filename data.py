@@ -914,6 +914,173 @@ def build_fewshot(root: str | None, way: int, shot: int, fold: int, split: str =
 
 
 # ----------------------------------------------------------------------------------------------
+# 7b. ShapeNetPart: per-point part labels (official asymdsd/data/datasets_/ShapeNetPart/, ShapeNetPartBuilder;
+#     configs/data/ShapeNetPart-S.yaml)
+# ----------------------------------------------------------------------------------------------
+
+SHAPENETPART_DIR = "shapenetcore_partanno_segmentation_benchmark_v0_normal"
+# synset -> category index, in the official synset_map.py order (airplane .. table); segment.CATEGORIES
+SHAPENETPART_SYNSETS = ["02691156", "02773838", "02954340", "02958343", "03001627", "03261776", "03467517",
+                        "03624134", "03636649", "03642806", "03790512", "03797390", "03948459", "04099429",
+                        "04225987", "04379243"]
+SHAPENETPART_POINTS = 2048  # ShapeNetPart-S.yaml max_num_points
+SHAPENETPART_NUM_PARTS = 50
+
+
+class PartDataset(torch.utils.data.Dataset):
+    """item i -> (points (N, 3) float32, parts (N,) long, num_points int, category int). Shapes with
+    fewer than N points are zero-padded (xyz 0, part 0) and `num_points` gives the real count."""
+
+    def __init__(self, points: np.ndarray, parts: np.ndarray, num_points: np.ndarray, category: np.ndarray,
+                 files: list[str], name: str = "shapenetpart"):
+        self.points, self.parts, self.num_points, self.category = points, parts, num_points, category
+        self.files, self.name = files, name
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+    def __getitem__(self, i: int):
+        return (torch.from_numpy(np.array(self.points[i], dtype=np.float32)), torch.from_numpy(self.parts[i].astype(np.int64)),
+                int(self.num_points[i]), int(self.category[i]))
+
+
+class _TarArchive:
+    """A .tar (or .tar.gz) seen like Archive: member names and bytes."""
+
+    def __init__(self, path: str):
+        import tarfile
+        self.path = path
+        try:
+            self.tar = tarfile.open(path)
+            self.members = {m.name: m for m in self.tar.getmembers() if m.isfile()}
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise DataFileError(path, f"not a readable tar archive, truncated or corrupt download? ({e})") from None
+
+    def names(self) -> list[str]:
+        return sorted(self.members)
+
+    def label(self, name: str) -> str:
+        return f"{self.path}:{name}"
+
+    def read(self, name: str) -> bytes:
+        try:
+            return self.tar.extractfile(self.members[name]).read()
+        except Exception as e:  # tarfile raises several kinds on a damaged member
+            raise DataFileError(self.label(name), f"unreadable ({type(e).__name__}: {e})") from None
+
+    def fingerprint(self, names: list[str]) -> str:
+        st = os.stat(self.path)
+        return hashlib.sha1(f"{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+
+
+def read_part_file(data: bytes, path: str, num_points: int, rng: np.random.Generator):
+    """One `x y z nx ny nz part` text file -> (points (N, 3) z-up, parts (N,), real count).
+    More than N points: N drawn without replacement; fewer: zero-padded (official UniformSampleArrays,
+    PadArrays)."""
+    if not data.strip():
+        raise DataFileError(path, "empty file")
+    try:
+        rows = np.loadtxt(io.StringIO(data.decode("utf-8", "replace")), dtype=np.float32, ndmin=2)
+    except ValueError as e:
+        raise DataFileError(path, f"not a table of numbers ({e})") from None
+    if rows.size == 0:
+        raise DataFileError(path, "empty file")
+    if rows.shape[1] != 7:
+        raise DataFileError(path, f"expected 7 columns (x y z nx ny nz part), found {rows.shape[1]}")
+    if not np.isfinite(rows).all():
+        raise DataFileError(path, "non-finite values (NaN or inf)")
+    parts = rows[:, -1]
+    if (parts != np.round(parts)).any() or parts.min() < 0 or parts.max() >= SHAPENETPART_NUM_PARTS:
+        bad = parts[(parts != np.round(parts)) | (parts < 0) | (parts >= SHAPENETPART_NUM_PARTS)][0]
+        raise DataFileError(path, f"part id {bad:g} outside 0..{SHAPENETPART_NUM_PARTS - 1}")
+    xyz = rows[:, :3][:, Z_UP]                     # normals (columns 3-5) dropped, y-up -> z-up
+    n = len(xyz)
+    if n > num_points:
+        idx = rng.choice(n, num_points, replace=False)
+        return xyz[idx], parts[idx].astype(np.int64), num_points
+    pad = num_points - n
+    return (np.concatenate([xyz, np.zeros((pad, 3), np.float32)]),
+            np.concatenate([parts.astype(np.int64), np.zeros(pad, np.int64)]), n)
+
+
+def build_shapenetpart(root: str | None, split: str = "train", num_points: int = SHAPENETPART_POINTS,
+                       skip_bad: bool = False, seed: int = 0, cache_dir: str | None = None) -> PartDataset:
+    """The PointNet++ "normal" ShapeNetPart benchmark as downloaded: the folder
+    shapenetcore_partanno_segmentation_benchmark_v0_normal/, or its .zip or .tar, holding
+    <synset>/<id>.txt and train_test_split/shuffled_{train,val,test}_file_list.json."""
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+    root = root or f"data/{SHAPENETPART_DIR}"
+    cands = [root] + [root.rstrip("/") + e for e in (".zip", ".tar", ".tar.gz")] + \
+            [os.path.join(root, SHAPENETPART_DIR + e) for e in ("", ".zip", ".tar")]
+    src = next((c for c in cands if os.path.exists(c)), None)
+    if src is None:
+        raise FileNotFoundError(f"ShapeNetPart not found at {root!r}: expected the folder {SHAPENETPART_DIR}/ "
+                                "(or its .zip / .tar) with train_test_split/shuffled_*_file_list.json")
+    archive = _TarArchive(src) if os.path.isfile(src) and ".tar" in os.path.basename(src) else Archive(src)
+    names = archive.names()
+    lists = [n for n in names if n.endswith(f"train_test_split/shuffled_{split}_file_list.json")]
+    if not lists:
+        raise DataFileError(src, f"no train_test_split/shuffled_{split}_file_list.json inside")
+    top = lists[0][: -len(f"train_test_split/shuffled_{split}_file_list.json")]   # '' or '<dir>/'
+    try:
+        entries = json.loads(archive.read(lists[0]))
+    except json.JSONDecodeError as e:
+        raise DataFileError(archive.label(lists[0]), f"not valid JSON ({e})") from None
+    present = set(names)
+    items, bad = [], []
+    for entry in entries:                          # 'shape_data/<synset>/<id>'
+        synset, shape_id = entry.split("/")[-2:]
+        member = f"{top}{synset}/{shape_id}.txt"
+        if synset not in SHAPENETPART_SYNSETS:
+            bad.append((archive.label(lists[0]), f"entry {entry!r}: unknown synset {synset}"))
+        elif member not in present:
+            bad.append((archive.label(lists[0]), f"entry {entry!r}: its file {member} is missing"))
+        else:
+            items.append((member, SHAPENETPART_SYNSETS.index(synset)))
+    cache_dir = _writable(cache_dir or default_cache_dir(src if os.path.isdir(src) else os.path.splitext(src)[0]))
+    key = f"shapenetpart_{split}_{num_points}pts_seed{seed}"
+    npz, meta_path = os.path.join(cache_dir, key + ".npz"), os.path.join(cache_dir, key + ".json")
+    fingerprint = archive.fingerprint([n for n, _ in items] + lists)
+    meta = None
+    if os.path.exists(meta_path) and os.path.exists(npz):
+        try:
+            with open(meta_path) as fh:
+                meta = json.load(fh)
+            if meta.get("fingerprint") != fingerprint:
+                meta = None
+            else:
+                arrays = dict(np.load(npz))
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            warnings.warn(f"cache {npz} is unreadable ({e}); rebuilding it")
+            meta = None
+    if meta is None:
+        pts, parts, counts, cats, files = [], [], [], [], []
+        for member, cat in tqdm(items, desc=f"building shapenetpart {split}", disable=len(items) < 200):
+            try:
+                p, l, n = read_part_file(archive.read(member), archive.label(member), num_points,
+                                         item_rng(seed, member[len(top):]))
+            except DataFileError as e:
+                bad.append((e.path, e.problem))
+                continue
+            pts.append(p), parts.append(l), counts.append(n), cats.append(cat), files.append(member)
+        if bad and not skip_bad:
+            _report_bad(bad, False, "shapenetpart")
+        if not pts:
+            raise DataFileError(src, f"no readable shapes in the {split} split")
+        arrays = dict(points=np.stack(pts), parts=np.stack(parts).astype(np.uint8), num_points=np.array(counts),
+                      category=np.array(cats))
+        np.savez(npz + ".tmp.npz", **arrays)
+        os.replace(npz + ".tmp.npz", npz)
+        meta = dict(fingerprint=fingerprint, files=files, bad=bad)
+        with open(meta_path + ".tmp", "w") as fh:
+            json.dump(meta, fh)
+        os.replace(meta_path + ".tmp", meta_path)  # the .json last: it marks the .npz complete
+    _report_bad([tuple(b) for b in meta["bad"]], skip_bad, "shapenetpart")
+    return PartDataset(arrays["points"], arrays["parts"], arrays["num_points"], arrays["category"], meta["files"])
+
+
+# ----------------------------------------------------------------------------------------------
 # 8. Procedural shapes: a tiny labelled dataset that needs no download (ours, for smoke runs)
 # ----------------------------------------------------------------------------------------------
 

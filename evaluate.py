@@ -9,8 +9,8 @@ Subcommands, in the order of this file (right: the official source, under config
   finetune  full fine-tuning, MLP head: ScanObjectNN, ModelNet40 classification/variants/finetune_*.yaml
   fewshot   few-shot ModelNet40, {5,10}-way x {10,20}-shot       classification/variants/fewshot.yaml
   export    the encoder alone: {"config": sizes, "state_dict"}   (ours, for other projects)
+  partseg   ShapeNetPart part segmentation, in segment.py        semseg/semseg.yaml
   plot      learning curves of a pretraining log.jsonl           (ours, matplotlib)
-Part segmentation (official configs/semseg/) is not implemented.
 
 Run:  python evaluate.py svm runs/asymdsd/last.pt --data modelnet40 --data-root data/ModelNet40
       python evaluate.py svm --random-init --preset tiny --data modelnet40 --data-root data/ModelNet40
@@ -538,6 +538,12 @@ def cmd_finetune(args):
     report(args, "finetune", source, settings, metrics, rows)
 
 
+def cmd_partseg(args):
+    """ShapeNetPart part segmentation: the model, metric and recipe live in segment.py."""
+    import segment
+    segment.run_partseg(args)
+
+
 def cmd_fewshot(args):
     protocol = PROTOCOLS["fewshot"]
     epochs = args.epochs or protocol["epochs"]
@@ -706,6 +712,14 @@ def main(argv=None):
     s.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="(default: %(default)s)")
     s.add_argument("--drop-path", type=float, default=DROP_PATH, help="(default: %(default)s)")
     s.set_defaults(func=cmd_fewshot)
+    s = sub.add_parser("partseg", help="fine-tune and test part segmentation on ShapeNetPart (segment.py)", **fmt)
+    s.add_argument("--epochs", type=int, help="default 300; the warm-up scales with it")
+    s.add_argument("--runs", type=int, default=1, help="repeat with seeds 0..runs-1; report mean and std (default: 1)")
+    s.add_argument("--batch-size", type=int, default=16, help="(default: %(default)s)")
+    s.add_argument("--drop-path", type=float, default=DROP_PATH, help="(default: %(default)s)")
+    s.add_argument("--data", default="shapenetpart", choices=["shapenetpart"], help="(default: %(default)s)")
+    s.add_argument("--out", default="partseg", help="folder for the trained models (default: %(default)s)")
+    s.set_defaults(func=cmd_partseg)
     s = sub.add_parser("export", help="write the encoder alone for use in another project", parents=[common])
     s.add_argument("--out", required=True, help="output .pt: {'config': PointEncoder kwargs, 'state_dict': ...}")
     s.set_defaults(func=cmd_export)
