@@ -768,7 +768,7 @@ def embed_clouds(encoder: asymdsd.PointEncoder, clouds: np.ndarray, num_patches:
     if not tokens:
         return feats.numpy(), None
     dev, out = torch.device(device), []
-    for (points,) in torch.utils.data.DataLoader(torch.from_numpy(clouds), batch_size=batch_size):
+    for points in torch.utils.data.DataLoader(torch.from_numpy(clouds), batch_size=batch_size):
         centers, patches = eval_patches(points.to(dev), num_patches, patch_size)
         x = encoder.to(dev)(patches, centers).float()                           # (B, T, D)
         out.append((x[:, 1:] if encoder.cls_token is not None else x).cpu())
@@ -830,7 +830,7 @@ def predict_probs(model: Classifier, clouds: np.ndarray, num_patches: int, patch
     dev = torch.device(device)
     model = model.eval().to(dev)
     out = []
-    for (points,) in tqdm(torch.utils.data.DataLoader(torch.from_numpy(clouds), batch_size=batch_size),
+    for points in tqdm(torch.utils.data.DataLoader(torch.from_numpy(clouds), batch_size=batch_size),
                           desc="predict", dynamic_ncols=True, disable=len(clouds) <= batch_size):
         centers, patches = eval_patches(points.to(dev), num_patches, patch_size)
         out.append(model(patches, centers).float().softmax(-1).cpu())
@@ -1039,9 +1039,9 @@ def main(argv=None):
     s = sub.add_parser("export", help="write the encoder alone for use in another project", parents=[common])
     s.add_argument("--out", required=True, help="output .pt: {'config': PointEncoder kwargs, 'state_dict': ...}")
     s.set_defaults(func=cmd_export)
+    inputs_help = ("point cloud / mesh files, folders (recursive) or globs: .npy .npz .txt .xyz .csv "
+                   "(x y z first) .ply .off .obj")
     user = argparse.ArgumentParser(add_help=False)
-    user.add_argument("inputs", nargs="+", help="point cloud / mesh files, folders (recursive) or globs: "
-                      ".npy .npz .txt .xyz .csv (x y z first) .ply .off .obj")
     user.add_argument("--skip-bad", action="store_true", help="skip unreadable files (named on stderr, counted)")
     user.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
     sizes = argparse.ArgumentParser(add_help=False)
@@ -1051,6 +1051,7 @@ def main(argv=None):
     sizes.add_argument("--patches", type=int, help="patches per cloud (default: a classifier's own, else 64)")
     sizes.add_argument("--patch-size", type=int, help="points per patch (default: a classifier's own, else 32)")
     s = sub.add_parser("embed", help="features of your own point clouds / meshes", parents=[common, user, sizes])
+    s.add_argument("inputs", nargs="+", help=inputs_help)
     s.add_argument("--out", default="features.npy", help=".npy (+ a .txt of file names beside it) or .npz "
                    "(features, files[, tokens]) (default: %(default)s)")
     s.add_argument("--tokens", action="store_true", help="also write the per-patch tokens (S, G, D)")
@@ -1058,6 +1059,7 @@ def main(argv=None):
     s = sub.add_parser("predict", help="classify your own point clouds with a `finetune --save` classifier",
                        parents=[user, sizes])
     s.add_argument("classifier", help="a file written by `finetune --save`")
+    s.add_argument("inputs", nargs="+", help=inputs_help)
     s.add_argument("--top-k", type=int, default=5, help="(default: %(default)s)")
     s.add_argument("--out", help="also write the table as .csv or .json")
     s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(default: %(default)s)")
