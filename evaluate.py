@@ -10,6 +10,9 @@ Subcommands, in the order of this file (right: the official source, under config
   fewshot   few-shot ModelNet40, {5,10}-way x {10,20}-shot       classification/variants/fewshot.yaml
   export    the encoder alone: {"config": sizes, "state_dict"}   (ours, for other projects)
   plot      learning curves of a pretraining log.jsonl           (ours, matplotlib)
+  embed     features of your own clouds and meshes               (ours; the svm protocol's feature)
+  predict   top-k classes with a `finetune --save` classifier    (ours)
+  show      PNG of patches, crops, masks, CLS attention          (ours, matplotlib; make_views itself)
 Part segmentation (official configs/semseg/) is not implemented.
 
 Run:  python evaluate.py svm runs/asymdsd/last.pt --data modelnet40 --data-root data/ModelNet40

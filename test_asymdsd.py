@@ -1873,7 +1873,10 @@ def test_finetune_command_two_stage_end_to_end(tmp_path):
     evaluate.main(["finetune", "--random-init", "--preset", "tiny", "--data", "modelnet40", "--data-root",
                    str(tmp_path / "mn"), "--cache-dir", str(tmp_path / "cache"), "--num-points", "128",
                    "--patches", "8", "--patch-size", "8", "--epochs", "3", "--runs", "2", "--batch-size", "4",
-                   "--results", str(results)])
+                   "--results", str(results), "--save", str(tmp_path / "clf.pt")])
+    model, info = evaluate.load_classifier(str(tmp_path / "clf.pt"))   # what `predict` loads
+    assert (info["num_points"], info["num_patches"], info["patch_size"]) == (128, 8, 8)
+    assert len(info["classes"]) == model.head[-1].out_features >= 2
     rec = json.loads(results.read_text().splitlines()[-1])
     assert rec["settings"]["protocol"] == "modelnet40" and rec["settings"]["epochs"] == 3
     assert [r["seed"] for r in rec["metrics"]["runs"]] == [0, 1]
