@@ -779,6 +779,8 @@ def embed_clouds(encoder: asymdsd.PointEncoder, clouds: np.ndarray, num_patches:
 
 
 def cmd_embed(args):
+    if args.random_init and args.checkpoint:   # no checkpoint given: the first positional is an input
+        args.inputs, args.checkpoint = [args.checkpoint] + args.inputs, None
     encoder, info, source = build_encoder(args)
     points, patches, k = input_settings(args, {})   # the SVM protocol's input, as `svm` measures it
     clouds, kept = read_user_clouds(find_inputs(args.inputs), points, args.skip_bad, args.seed)
