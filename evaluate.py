@@ -11,6 +11,9 @@ Subcommands, in the order of this file (right: the official source, under config
   export    the encoder alone: {"config": sizes, "state_dict"}   (ours, for other projects)
   partseg   ShapeNetPart part segmentation, in segment.py        semseg/semseg.yaml
   plot      learning curves of a pretraining log.jsonl           (ours, matplotlib)
+  embed     features of your own clouds and meshes               (ours; the svm protocol's feature)
+  predict   top-k classes with a `finetune --save` classifier    (ours)
+  show      PNG of patches, crops, masks, CLS attention          (ours, matplotlib; make_views itself)
 
 Run:  python evaluate.py svm runs/asymdsd/last.pt --data modelnet40 --data-root data/ModelNet40
       python evaluate.py svm --random-init --preset tiny --data modelnet40 --data-root data/ModelNet40
@@ -27,9 +30,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import io
 import json
+import math
 import os
 import re
+import sys
 import time
 
 import numpy as np
@@ -526,6 +532,10 @@ def cmd_finetune(args):
         history = finetune(model, train, test, protocol, epochs, patches, k, args.batch_size, args.device, seed,
                            desc=f"finetune seed {seed}")
         runs.append(dict(seed=seed, **summarize(history), history=history))
+        if args.save:
+            save_classifier(model, info, train.classes, points, patches, k, args.save)
+    if args.save:
+        print(f"saved the classifier (seed {args.runs - 1}, last epoch) to {args.save}: `python evaluate.py predict {args.save} FILES`")
     last, best = [r["last_acc"] for r in runs], [r["best_acc"] for r in runs]
     metrics = dict(last_acc_mean=float(np.mean(last)), last_acc_std=float(np.std(last)),
                    best_acc_mean=float(np.mean(best)), best_acc_std=float(np.std(best)), runs=runs)
@@ -621,7 +631,7 @@ def cmd_plot(args):
             ax.plot([r["epoch"] for r in recs if key in r], [r[key] for r in recs if key in r])
             ax.set_title(key)
         ax.set_xlabel("epoch")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0, right=1, bottom=0, top=0.93, wspace=0, hspace=0.08)
     fig.savefig(args.out, dpi=120)
     print(f"wrote {args.out} ({sum(len(a) for a in acc.values())} evaluated snapshots)")
     return fig
@@ -657,6 +667,360 @@ def cmd_table(args):
         paired = "" if name == args.reference or not diffs else f"{np.mean(diffs):+.2f} ({len(diffs)})"
         print(f"| {name} | {inp} | {', '.join(order)} | {', '.join(f'{v:.2f}' for v in svm)} | "
               f"{np.mean(svm):.2f} | {', '.join(f'{v:.2f}' for v in knn)} | {paired} |")
+
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Your own point clouds: embed, predict, show (ours; not in the official code)
+# ----------------------------------------------------------------------------------------------
+
+USER_EXT = (".npy", ".npz", ".txt", ".xyz", ".csv", ".ply", ".off", ".obj")
+
+
+def find_inputs(inputs: list[str]) -> list[str]:
+    """Files, folders (searched recursively) and globs -> sorted-per-argument list of supported files."""
+    import glob
+    found = []
+    for arg in inputs:
+        if os.path.isdir(arg):
+            hits = sorted(os.path.join(d, f) for d, _, fs in os.walk(arg) for f in fs if f.lower().endswith(USER_EXT))
+        elif os.path.isfile(arg):
+            hits = [arg]
+        else:
+            hits = sorted(h for h in glob.glob(arg, recursive=True) if h.lower().endswith(USER_EXT))
+        if not hits:
+            raise SystemExit(f"error: {arg}: no point cloud or mesh file there (supported: {' '.join(USER_EXT)})")
+        found += hits
+    return found
+
+
+def read_user_cloud(path: str, num_points: int, seed: int = 0) -> np.ndarray:
+    """One user file -> (num_points, 3) float32, prepared as the benchmark data is (data.py load_cloud):
+    meshes sampled on the surface (PRE_SAMPLE_POINTS area-weighted samples), then any cloud with
+    more points than the model's input reduced by farthest point sampling from a start seeded by
+    the file name. A cloud with fewer points than the input is refused (stated rule: no padding,
+    a repeated point would change the patches). Errors are data.DataFileError naming the file."""
+    import data
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except OSError as e:
+        raise data.DataFileError(path, f"cannot read ({e.strerror})") from None
+    if ext in data.MESH_EXT or ext in (".npy", ".txt", ".xyz"):
+        return data.load_cloud(path, raw, num_points, "fps", seed, None)
+    rng = data.item_rng(seed, path)
+    if ext == ".csv":   # a header row is allowed: rows that are not numbers are dropped
+        rows = [r for r in raw.decode("latin-1").splitlines() if r.strip()]
+        keep = [r for r in rows if all(_is_number(c) for c in r.replace(",", " ").split()[:3])]
+        pts = data.read_points("\n".join(keep).encode(), path)
+    elif ext == ".npz":
+        try:
+            arrays = np.load(io.BytesIO(raw), allow_pickle=False)
+            name = "points" if "points" in arrays.files else (arrays.files[0] if arrays.files else None)
+            if name is None:
+                raise ValueError("no arrays in it")
+            buf = io.BytesIO()
+            np.save(buf, arrays[name])
+        except (ValueError, EOFError, OSError) as e:
+            raise data.DataFileError(path, f"unreadable .npz ({e})") from None
+        pts = data.read_points(buf.getvalue(), path + ".npy")
+    elif ext == ".ply":
+        pts = _read_ply(path, raw, num_points, rng)
+    else:
+        raise data.DataFileError(path, f"unsupported extension {ext!r} (supported: {' '.join(USER_EXT)})")
+    return np.ascontiguousarray(data.resample(pts, num_points, "fps", rng, path))
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _read_ply(path: str, raw: bytes, num_points: int, rng) -> np.ndarray:
+    """ASCII or binary .ply through trimesh: a mesh (faces present) is sampled on its surface as
+    data.py samples .off meshes; a point cloud gives its vertices."""
+    import data
+    try:
+        import trimesh
+    except ImportError:
+        raise SystemExit("reading .ply needs trimesh: pip install trimesh") from None
+    try:
+        geom = trimesh.load(io.BytesIO(raw), file_type="ply", process=False)
+        vertices = np.asarray(geom.vertices, dtype=np.float64)
+        faces = np.asarray(getattr(geom, "faces", np.zeros((0, 3))), dtype=np.int64)
+    except Exception as e:   # trimesh raises many kinds on a broken file
+        raise data.DataFileError(path, f"unreadable .ply ({type(e).__name__}: {e})") from None
+    if len(vertices) == 0:
+        raise data.DataFileError(path, "no vertices")
+    if not np.isfinite(vertices).all():
+        raise data.DataFileError(path, "non-finite coordinates (NaN or inf)")
+    if len(faces):
+        try:
+            return data.sample_surface(vertices, faces, max(data.PRE_SAMPLE_POINTS, num_points), rng)
+        except ValueError as e:
+            raise data.DataFileError(path, str(e)) from None
+    return vertices.astype(np.float32)
+
+
+def read_user_clouds(paths: list[str], num_points: int, skip_bad: bool, seed: int = 0):
+    """Read every file; a bad one ends the command with its name and problem, or with --skip-bad
+    is skipped, named on stderr and counted. -> clouds (S, N, 3) float32, kept paths"""
+    import data
+    clouds, kept, bad = [], [], []
+    for path in tqdm(paths, desc="read", dynamic_ncols=True, disable=len(paths) < 20):
+        try:
+            clouds.append(read_user_cloud(path, num_points, seed))
+            kept.append(path)
+        except data.DataFileError as e:
+            if not skip_bad:
+                raise SystemExit(f"error: {e}  (--skip-bad skips such files)") from None
+            bad.append(str(e))
+    for msg in bad:
+        print(f"skipped {msg}", file=sys.stderr)
+    if bad:
+        print(f"skipped {len(bad)} of {len(paths)} files", file=sys.stderr)
+    if not clouds:
+        raise SystemExit("error: no readable input file")
+    return np.stack(clouds), kept
+
+
+def input_settings(args, info: dict) -> tuple[int, int, int]:
+    """(points, patches, patch size): the flags, else a saved classifier's own (`info`), else the
+    ModelNet40 SVM protocol's (1024 points, 64 x 32), as `svm` evaluates every encoder."""
+    bench = BENCHMARKS["modelnet40"]
+    return (args.num_points or info.get("num_points") or bench["points"],
+            args.patches or info.get("num_patches") or bench["patches"],
+            args.patch_size or info.get("patch_size") or BENCHMARK_PATCH_SIZE)
+
+
+@torch.no_grad()
+def embed_clouds(encoder: asymdsd.PointEncoder, clouds: np.ndarray, num_patches: int, patch_size: int,
+                 batch_size: int = 64, device: str = "cpu", tokens: bool = False):
+    """The SVM protocol's feature (extract_features: L2-normalised [CLS, mean]) of every cloud, and
+    optionally the normed per-patch tokens. clouds (S, N, 3) -> (S, F), (S, G, D) or None"""
+    labels = torch.zeros(len(clouds), dtype=torch.long)
+    dataset = torch.utils.data.TensorDataset(torch.from_numpy(clouds), labels)
+    feats, _ = extract_features(encoder, dataset, num_patches, patch_size, batch_size, device, desc="embed")
+    if not tokens:
+        return feats.numpy(), None
+    dev, out = torch.device(device), []
+    for points in torch.utils.data.DataLoader(torch.from_numpy(clouds), batch_size=batch_size):
+        centers, patches = eval_patches(points.to(dev), num_patches, patch_size)
+        x = encoder.to(dev)(patches, centers).float()                           # (B, T, D)
+        out.append((x[:, 1:] if encoder.cls_token is not None else x).cpu())
+    return feats.numpy(), torch.cat(out).numpy()
+
+
+def cmd_embed(args):
+    if args.random_init and args.checkpoint:   # no checkpoint given: the first positional is an input
+        args.inputs, args.checkpoint = [args.checkpoint] + args.inputs, None
+    encoder, info, source = build_encoder(args)
+    points, patches, k = input_settings(args, {})   # the SVM protocol's input, as `svm` measures it
+    clouds, kept = read_user_clouds(find_inputs(args.inputs), points, args.skip_bad, args.seed)
+    feats, toks = embed_clouds(encoder, clouds, patches, k, args.batch_size, args.device, args.tokens)
+    out = args.out
+    if out.endswith(".npz"):
+        extra = dict(tokens=toks) if toks is not None else {}
+        np.savez(out, features=feats, files=np.array(kept), **extra)
+        print(f"wrote {out}: features {feats.shape}" + (f", tokens {toks.shape}" if toks is not None else "") + ", files")
+    else:
+        np.save(out, feats)
+        names = os.path.splitext(out)[0] + ".txt"
+        with open(names, "w") as fh:
+            fh.write("\n".join(kept) + "\n")
+        print(f"wrote {out} (features {feats.shape}, row i = line i of {names})")
+        if toks is not None:
+            tok_path = os.path.splitext(out)[0] + "_tokens.npy"
+            np.save(tok_path, toks)
+            print(f"wrote {tok_path} (per-patch tokens {toks.shape})")
+    print(f"encoder {source}: {points} points, {patches} patches x {k}")
+
+
+def save_classifier(model: Classifier, info: dict, classes: list[str], num_points: int, num_patches: int,
+                    patch_size: int, path: str):
+    """Everything `predict` needs: encoder sizes, encoder + head weights, class names, pooling and
+    the input preprocessing (points, patches, patch size)."""
+    torch.save({"classifier": True, "config": dict(info["sizes"]), "state_dict": model.state_dict(),
+                "classes": list(classes), "parts": list(model.parts), "cls_in_pools": model.cls_in_pools,
+                "patchify": dict(num_points=num_points, num_patches=num_patches, patch_size=patch_size)}, path)
+
+
+def load_classifier(path: str) -> tuple[Classifier, dict]:
+    """A file written by save_classifier -> (Classifier in eval mode, its patchify + classes)."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: no classifier at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise SystemExit(f"error: {path} is not a torch file ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or not ckpt.get("classifier"):
+        raise SystemExit(f"error: {path} is not a classifier saved by `finetune --save` (an encoder? use `embed`)")
+    encoder = asymdsd.PointEncoder(**ckpt["config"])
+    model = Classifier(encoder, len(ckpt["classes"]), cls_feature=not ckpt["cls_in_pools"], drop_path_rate=0.0)
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval(), dict(classes=ckpt["classes"], **ckpt["patchify"])
+
+
+@torch.no_grad()
+def predict_probs(model: Classifier, clouds: np.ndarray, num_patches: int, patch_size: int, batch_size: int = 64,
+                  device: str = "cpu") -> np.ndarray:
+    """Class probabilities, patches drawn as evaluation draws them. clouds (S, N, 3) -> (S, classes)"""
+    dev = torch.device(device)
+    model = model.eval().to(dev)
+    out = []
+    for points in tqdm(torch.utils.data.DataLoader(torch.from_numpy(clouds), batch_size=batch_size),
+                          desc="predict", dynamic_ncols=True, disable=len(clouds) <= batch_size):
+        centers, patches = eval_patches(points.to(dev), num_patches, patch_size)
+        out.append(model(patches, centers).float().softmax(-1).cpu())
+    return torch.cat(out).numpy()
+
+
+def cmd_predict(args):
+    model, info = load_classifier(args.classifier)
+    points, patches, k = input_settings(args, info)
+    clouds, kept = read_user_clouds(find_inputs(args.inputs), points, args.skip_bad, args.seed)
+    probs = predict_probs(model, clouds, patches, k, args.batch_size, args.device)
+    top = min(args.top_k, probs.shape[1])
+    order = np.argsort(-probs, axis=1)[:, :top]
+    rows = [dict(file=f, top=[dict(label=info["classes"][j], prob=float(probs[i, j])) for j in order[i]])
+            for i, f in enumerate(kept)]
+    if args.out and args.out.endswith(".json"):
+        with open(args.out, "w") as fh:
+            json.dump(rows, fh, indent=1)
+    elif args.out:
+        import csv
+        with open(args.out, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["file"] + [c for r in range(1, top + 1) for c in (f"label{r}", f"prob{r}")])
+            for r in rows:
+                w.writerow([r["file"]] + [c for t in r["top"] for c in (t["label"], f"{t['prob']:.4f}")])
+    width = max(len(f) for f in kept)
+    for r in rows:
+        print(f"{r['file']:<{width}}  " + "  ".join(f"{t['label']} {100 * t['prob']:5.1f}%" for t in r["top"]))
+    if args.out:
+        print(f"wrote {args.out}")
+
+
+def cls_attention(encoder: asymdsd.PointEncoder, patches: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    """Attention of the CLS token to the patch tokens in the last block, averaged over heads: the
+    block's input is caught by a hook, then softmax(q_cls k^T / sqrt(d)) is recomputed from the
+    block's own weights (Block.forward: x + pos, RMSNorm, packed qkv).
+    patches (B, G, K, 3), centers (B, G, 3) -> (B, G), rows sum to 1 - (CLS-to-CLS weight)"""
+    if encoder.cls_token is None:
+        raise SystemExit("error: this encoder has no CLS token (a `mask` mode model): no CLS attention to show")
+    block = encoder.encoder.blocks[-1]
+    seen = {}
+    handle = block.register_forward_pre_hook(lambda mod, inp: seen.update(x=inp[0], pos=inp[1]))
+    try:
+        with torch.no_grad():
+            encoder(patches, centers)
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        h = block.norm1(seen["x"] + seen["pos"])                               # (B, T, D)
+        q, k, _ = block.attn.qkv(h).chunk(3, dim=-1)
+        heads = block.attn.num_heads
+        q = q[:, :1].unflatten(-1, (heads, -1)).transpose(1, 2)               # (B, H, 1, D/H)
+        k = k.unflatten(-1, (heads, -1)).transpose(1, 2)                      # (B, H, T, D/H)
+        attn = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1)  # (B, H, 1, T)
+    return attn.mean(1)[:, 0, 1:]                                              # (B, G)
+
+
+def draw_views(points: torch.Tensor, preset: str, seed: int, num_patches: int, patch_size: int) -> dict:
+    """The figure's inputs, drawn by the training code itself: eval patches (eval_patches ->
+    asymdsd.patchify) and one pretraining step's views (asymdsd.make_views: crops, augmentation,
+    patches, inverse-block masks) of the preset's config. points (N, 3) -> dict of tensors"""
+    cfg = asymdsd.config_from_dict(asymdsd.preset_settings(preset))
+    for key, value in asymdsd.MODE_DEFAULTS[cfg.mode].items():
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, value)
+    gen = torch.Generator().manual_seed(seed)
+    centers, patches = eval_patches(points[None], num_patches, patch_size)     # (1, G, 3), (1, G, K, 3)
+    views = asymdsd.make_views(points[None], cfg, gen)
+    return dict(cfg=cfg, centers=centers, patches=patches, views=views)
+
+
+def cmd_show(args):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("show needs matplotlib: pip install matplotlib") from None
+    import data
+    info, encoder = {}, None
+    if args.ckpt:
+        try:
+            encoder, info = load_encoder(args.ckpt)
+        except ValueError as e:
+            raise SystemExit(f"error: {args.ckpt}: {e}")
+    points_n, patches_n, k = input_settings(args, {})
+    try:
+        cloud = torch.from_numpy(read_user_cloud(args.cloud, points_n, args.seed))
+    except data.DataFileError as e:
+        raise SystemExit(f"error: {e}") from None
+    drawn = draw_views(asymdsd.normalize_unit_sphere(cloud[None])[0], args.preset, args.seed, patches_n, k)
+    cfg, views = drawn["cfg"], drawn["views"]
+    g_centers, g_patches = views["global"]                                      # (1, C, G, 3), (1, C, G, K, 3)
+    crops = [("global", c) for c in range(g_centers.shape[1])]
+    if "local" in views:
+        crops += [("local", c) for c in range(views["local"][0].shape[1])]
+    masks = views.get("mask")                                                   # (C*M, G) or None
+    n_masks = 0 if masks is None else cfg.num_masks
+    cols = max(len(crops), n_masks, 2)
+    fig = plt.figure(figsize=(2.6 * cols, 8 if masks is not None else 5.4))
+    rows = 3 if masks is not None else 2
+
+    def panel(i, title):
+        ax = fig.add_subplot(rows, cols, i)
+        ax.set_title(title, fontsize=9)
+        ax.set_axis_off()
+        ax.set_aspect("equal")
+        ax.set_xlim(-1, 1)
+        ax.set_ylim(-1, 1)
+        return ax
+
+    def scatter(ax, pts, c, s=3, **kw):
+        """Seen from above (z is up in ModelNet40): x-y, the highest points drawn last."""
+        pts = pts.reshape(-1, 3).numpy()
+        order = np.argsort(pts[:, 2])
+        if not isinstance(c, str):
+            c = np.asarray(c)[order]
+        ax.scatter(pts[order, 0], pts[order, 1], c=c, s=s, linewidths=0 if kw.get("marker") != "x" else 1, **kw)
+
+    # row 1: the evaluation patches, coloured by patch, FPS centres marked; and the CLS attention
+    centers, patches = drawn["centers"][0], drawn["patches"][0]                 # (G, 3), (G, K, 3) centred
+    G, K = patches.shape[:2]
+    absolute = patches + centers[:, None]                                       # back to cloud coordinates
+    ax = panel(1, f"{G} patches x {K} (FPS + kNN)")
+    scatter(ax, absolute, np.repeat(np.arange(G), K), cmap="tab20")
+    scatter(ax, centers, "k", s=10, marker="x")
+    if encoder is not None:
+        attn = cls_attention(encoder, patches[None], centers[None])[0]        # (G,)
+        ax = panel(2, "CLS attention to patches, last block")
+        scatter(ax, absolute, np.repeat(attn.numpy(), K), cmap="inferno")
+    # row 2: the multi-crop views as one pretraining step draws them (after augmentation and normalisation)
+    for i, (kind, c) in enumerate(crops):
+        p = views[kind][1][0, c] + views[kind][0][0, c][:, None]               # (G', K', 3) cloud coordinates
+        ax = panel(cols + i + 1, f"{kind} crop {c + 1}: {p.shape[0]} x {p.shape[1]}")
+        scatter(ax, p, np.repeat(np.arange(p.shape[0]), p.shape[1]), cmap="tab20")
+    # row 3: the student's inverse-block masks of global crop 1: visible patches coloured, masked grey
+    if masks is not None:
+        p = g_patches[0, 0] + g_centers[0, 0][:, None]                          # (G', K', 3) cloud coordinates
+        for m in range(n_masks):
+            mask = masks[m]                                                     # (G',) True = masked
+            ax = panel(2 * cols + m + 1, f"mask {m + 1} of crop 1: {int((~mask).sum())} visible")
+            scatter(ax, p[mask], "lightgrey", s=1)
+            scatter(ax, p[~mask], "tab:red", s=3)
+    fig.suptitle(f"{os.path.basename(args.cloud)}: views of the {args.preset} preset (seed {args.seed})", fontsize=10)
+    fig.subplots_adjust(left=0, right=1, bottom=0, top=0.93, wspace=0, hspace=0.08)
+    fig.savefig(args.out, dpi=args.dpi)
+    plt.close(fig)
+    print(f"wrote {args.out}")
 
 
 def main(argv=None):
@@ -704,6 +1068,9 @@ def main(argv=None):
     s.add_argument("--drop-path", type=float, default=DROP_PATH, help="last block's drop path rate, rising "
                                                                     "linearly from 0 (default: %(default)s)")
     s.set_defaults(func=cmd_finetune)
+    s.add_argument("--save", help="write the fine-tuned classifier (encoder, head, class names, points and "
+                   "patches) here, for `predict`; with --runs > 1 the last run's")
+
     s = sub.add_parser("fewshot", help="few-shot ModelNet40", **fmt)
     s.add_argument("--ways", type=int, nargs="+", default=[5, 10], help="(default: 5 10)")
     s.add_argument("--shots", type=int, nargs="+", default=[10, 20], help="(default: 10 20)")
@@ -723,6 +1090,44 @@ def main(argv=None):
     s = sub.add_parser("export", help="write the encoder alone for use in another project", parents=[common])
     s.add_argument("--out", required=True, help="output .pt: {'config': PointEncoder kwargs, 'state_dict': ...}")
     s.set_defaults(func=cmd_export)
+    inputs_help = ("point cloud / mesh files, folders (recursive) or globs: .npy .npz .txt .xyz .csv "
+                   "(x y z first) .ply .off .obj")
+    user = argparse.ArgumentParser(add_help=False)
+    user.add_argument("--skip-bad", action="store_true", help="skip unreadable files (named on stderr, counted)")
+    user.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
+    sizes = argparse.ArgumentParser(add_help=False)
+    sizes.add_argument("--num-points", type=int, help="points per cloud (default: a classifier's own, else 1024 as `svm` on ModelNet40). Meshes "
+                       "are sampled on the surface; larger clouds are reduced by FPS as evaluation does; "
+                       "smaller ones are refused")
+    sizes.add_argument("--patches", type=int, help="patches per cloud (default: a classifier's own, else 64)")
+    sizes.add_argument("--patch-size", type=int, help="points per patch (default: a classifier's own, else 32)")
+    s = sub.add_parser("embed", help="features of your own point clouds / meshes", parents=[common, user, sizes])
+    s.add_argument("inputs", nargs="+", help=inputs_help)
+    s.add_argument("--out", default="features.npy", help=".npy (+ a .txt of file names beside it) or .npz "
+                   "(features, files[, tokens]) (default: %(default)s)")
+    s.add_argument("--tokens", action="store_true", help="also write the per-patch tokens (S, G, D)")
+    s.set_defaults(func=cmd_embed)
+    s = sub.add_parser("predict", help="classify your own point clouds with a `finetune --save` classifier",
+                       parents=[user, sizes])
+    s.add_argument("classifier", help="a file written by `finetune --save`")
+    s.add_argument("inputs", nargs="+", help=inputs_help)
+    s.add_argument("--top-k", type=int, default=5, help="(default: %(default)s)")
+    s.add_argument("--out", help="also write the table as .csv or .json")
+    s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(default: %(default)s)")
+    s.add_argument("--seed", type=int, default=0, help="seed of mesh sampling / FPS start (default: %(default)s)")
+    s.add_argument("--threads", type=int, help="CPU threads for torch")
+    s.set_defaults(func=cmd_predict)
+    s = sub.add_parser("show", help="PNG of a cloud's patches, crops, masks (and CLS attention with --ckpt)",
+                       parents=[sizes])
+    s.add_argument("cloud", help="one point cloud or mesh file")
+    s.add_argument("--ckpt", help="a checkpoint: adds the last block's CLS attention to the patches")
+    s.add_argument("--preset", default="tiny", choices=sorted(asymdsd.PRESETS), help="whose crops and masks "
+                   "to draw (default: %(default)s)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the drawn views (default: %(default)s)")
+    s.add_argument("--dpi", type=int, default=100, help="(default: %(default)s)")
+    s.add_argument("--out", default="figure.png", help="(default: %(default)s)")
+    s.set_defaults(func=cmd_show)
+
     s = sub.add_parser("plot", help="plot a pretraining log.jsonl")
     s.add_argument("log", help="a pretraining run's log.jsonl")
     s.add_argument("--results", help="results file holding `svm` records of the run's epoch_NNN.pt snapshots")

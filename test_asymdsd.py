@@ -2251,7 +2251,10 @@ def test_finetune_command_two_stage_end_to_end(tmp_path):
     evaluate.main(["finetune", "--random-init", "--preset", "tiny", "--data", "modelnet40", "--data-root",
                    str(tmp_path / "mn"), "--cache-dir", str(tmp_path / "cache"), "--num-points", "128",
                    "--patches", "8", "--patch-size", "8", "--epochs", "3", "--runs", "2", "--batch-size", "4",
-                   "--results", str(results)])
+                   "--results", str(results), "--save", str(tmp_path / "clf.pt")])
+    model, info = evaluate.load_classifier(str(tmp_path / "clf.pt"))   # what `predict` loads
+    assert (info["num_points"], info["num_patches"], info["patch_size"]) == (128, 8, 8)
+    assert len(info["classes"]) == model.head[-1].out_features >= 2
     rec = json.loads(results.read_text().splitlines()[-1])
     assert rec["settings"]["protocol"] == "modelnet40" and rec["settings"]["epochs"] == 3
     assert [r["seed"] for r in rec["metrics"]["runs"]] == [0, 1]
@@ -2419,6 +2422,154 @@ def test_partseg_command_saves_model_and_apply_writes_labels_and_png(tmp_path, c
     torch.save({"config": {}}, tmp_path / "other.pt")
     with pytest.raises(SystemExit, match="not a part-segmentation model"):
         segment.main(["apply", str(tmp_path / "other.pt"), str(cloud), "--category", "chair"])
+# Your own point clouds: embed, predict, show.
+
+def _user_cloud(n=300, seed=0):
+    return np.random.default_rng(seed).normal(size=(n, 3)).astype(np.float32)
+
+
+def _write_user_formats(folder, pts):
+    """The same cloud in every point format, and a cube in both mesh formats."""
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "a.npy", pts)
+    np.savez(folder / "b.npz", points=pts)
+    np.savetxt(folder / "c.txt", np.c_[pts, np.ones(len(pts))])          # a 4th column is ignored
+    np.savetxt(folder / "d.xyz", pts)
+    np.savetxt(folder / "e.csv", pts, delimiter=",", header="x,y,z", comments="")
+    v = np.array([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)], dtype=float)
+    quads = [(0, 1, 3, 2), (4, 6, 7, 5), (0, 4, 5, 1), (2, 3, 7, 6), (0, 2, 6, 4), (1, 5, 7, 3)]
+    (folder / "f.off").write_text("OFF\n8 6 0\n" + "".join(f"{a} {b} {c}\n" for a, b, c in v)
+                                  + "".join("4 " + " ".join(map(str, q)) + "\n" for q in quads))
+    (folder / "g.obj").write_text("".join(f"v {a} {b} {c}\n" for a, b, c in v)
+                                  + "".join("f " + " ".join(str(j + 1) for j in q) + "\n" for q in quads))
+    return v, quads
+
+
+def test_read_user_cloud_reads_every_format(tmp_path):
+    trimesh = pytest.importorskip("trimesh")
+    pts = _user_cloud(300)
+    v, quads = _write_user_formats(tmp_path, pts)
+    trimesh.PointCloud(pts).export(tmp_path / "h_binary.ply", file_type="ply", encoding="binary")
+    trimesh.PointCloud(pts).export(tmp_path / "i_ascii.ply", file_type="ply", encoding="ascii")
+    tris = [t for a, b, c, d in quads for t in ((a, b, c), (a, c, d))]
+    trimesh.Trimesh(v, tris, process=False).export(tmp_path / "j_mesh.ply", file_type="ply")
+    files = evaluate.find_inputs([str(tmp_path)])
+    assert [os.path.basename(f) for f in files] == ["a.npy", "b.npz", "c.txt", "d.xyz", "e.csv", "f.off", "g.obj",
+                                                    "h_binary.ply", "i_ascii.ply", "j_mesh.ply"]
+    for f in files:
+        cloud = evaluate.read_user_cloud(f, 128)
+        assert cloud.shape == (128, 3) and cloud.dtype == np.float32, f
+        if "mesh" in f or f.endswith((".off", ".obj")):     # surface samples: one coordinate at +-1
+            assert np.allclose(np.abs(cloud).max(1), 1, atol=1e-5), f
+        else:                                              # an FPS subset of the file's points
+            d = np.abs(cloud[:, None] - pts[None]).max(-1).min(1)
+            assert d.max() < 1e-4 and len(np.unique(cloud, axis=0)) == 128, f
+    # the reduction is evaluation's: FPS (data.resample) from the start seeded by the file name
+    rng = data.item_rng(0, str(tmp_path / "a.npy"))
+    assert np.array_equal(evaluate.read_user_cloud(str(tmp_path / "a.npy"), 128),
+                          data.resample(pts, 128, "fps", rng, "a.npy"))
+
+
+def test_read_user_clouds_bad_input_named_and_skipped(tmp_path, capsys):
+    np.save(tmp_path / "good.npy", _user_cloud(300))
+    np.save(tmp_path / "small.npy", _user_cloud(50))
+    (tmp_path / "broken.csv").write_text("1,2\n3\n")
+    files = evaluate.find_inputs([str(tmp_path)])
+    with pytest.raises(SystemExit) as e:
+        evaluate.read_user_clouds(files, 128, skip_bad=False)
+    assert "broken.csv" in str(e.value) and "--skip-bad" in str(e.value)
+    clouds, kept = evaluate.read_user_clouds(files, 128, skip_bad=True)
+    assert clouds.shape == (1, 128, 3) and [os.path.basename(k) for k in kept] == ["good.npy"]
+    err = capsys.readouterr().err
+    assert "small.npy: has 50 points, 128 were requested" in err and "skipped 2 of 3 files" in err
+    with pytest.raises(SystemExit, match="nothing_here"):
+        evaluate.find_inputs([str(tmp_path / "nothing_here*.npy")])
+
+
+def _tiny_export(tmp_path):
+    encoder, info = evaluate.random_encoder("tiny", seed=0)
+    evaluate.export_encoder(encoder, info, str(tmp_path / "enc.pt"))
+    return encoder, str(tmp_path / "enc.pt")
+
+
+def test_embed_command_writes_svm_features_in_input_order(tmp_path):
+    encoder, ckpt = _tiny_export(tmp_path)
+    names = ("z.npy", "a.npy", "m.npy")
+    for seed, name in enumerate(names):
+        np.save(tmp_path / name, _user_cloud(400, seed))
+    args = ["embed", ckpt, *(str(tmp_path / n) for n in names),
+            "--num-points", "256", "--patches", "16", "--patch-size", "16", "--batch-size", "2"]
+    evaluate.main(args + ["--out", str(tmp_path / "f.npy")])
+    feats = np.load(tmp_path / "f.npy")
+    assert (tmp_path / "f.txt").read_text().split() == [str(tmp_path / n) for n in names]
+    clouds = np.stack([evaluate.read_user_cloud(str(tmp_path / n), 256) for n in names])
+    ref, _ = evaluate.extract_features(encoder, torch.utils.data.TensorDataset(torch.from_numpy(clouds),
+                                       torch.zeros(3)), 16, 16)
+    assert feats.shape == (3, 2 * 96) and np.allclose(feats, ref.numpy(), atol=1e-5)
+    evaluate.main(args + ["--out", str(tmp_path / "f.npz"), "--tokens"])
+    z = np.load(tmp_path / "f.npz")
+    assert np.allclose(z["features"], feats, atol=1e-5) and z["tokens"].shape == (3, 16, 96)
+    assert list(z["files"]) == [str(tmp_path / n) for n in names]
+
+
+def test_predict_loads_a_saved_classifier(tmp_path, capsys):
+    encoder, info = evaluate.random_encoder("tiny", seed=0)
+    model = evaluate.Classifier(encoder, 3, cls_feature=True, drop_path_rate=0.0)
+    evaluate.save_classifier(model, info, ["cup", "lamp", "vase"], 256, 16, 16, str(tmp_path / "clf.pt"))
+    np.save(tmp_path / "x.npy", _user_cloud(300))
+    evaluate.main(["predict", str(tmp_path / "clf.pt"), str(tmp_path / "x.npy"), "--top-k", "2",
+                   "--out", str(tmp_path / "p.json")])
+    rows = json.loads((tmp_path / "p.json").read_text())
+    probs = [t["prob"] for t in rows[0]["top"]]
+    assert len(probs) == 2 and probs[0] >= probs[1] and sum(probs) <= 1 + 1e-6
+    cloud = evaluate.read_user_cloud(str(tmp_path / "x.npy"), 256)             # the classifier's stored points
+    ref = evaluate.predict_probs(model, cloud[None], 16, 16)[0]
+    assert rows[0]["top"][0]["label"] == ["cup", "lamp", "vase"][int(ref.argmax())]
+    assert abs(probs[0] - float(ref.max())) < 1e-5 and "x.npy" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="not a classifier"):
+        evaluate.main(["predict", _tiny_export(tmp_path)[1], str(tmp_path / "x.npy")])
+
+
+def test_cls_attention_uniform_when_queries_are_zero():
+    encoder = A.PointEncoder(dim=16, depth=2, num_heads=1, tokenizer_dims=(8, 8, 16), pos_hidden=8).eval()
+    patches, centers = torch.randn(2, 5, 4, 3), torch.randn(2, 5, 3)
+    attn = evaluate.cls_attention(encoder, patches, centers)
+    assert attn.shape == (2, 5) and (attn > 0).all() and (attn.sum(1) < 1).all()
+    with torch.no_grad():
+        encoder.encoder.blocks[-1].attn.qkv.weight[:16] = 0              # q = 0: softmax of zeros
+    assert torch.allclose(evaluate.cls_attention(encoder, patches, centers), torch.full((2, 5), 1 / 6))
+
+
+def test_show_writes_png_from_the_training_code_draws(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    _, ckpt = _tiny_export(tmp_path)
+    np.save(tmp_path / "x.npy", _user_cloud(1200))
+    calls = {}
+    for name in ("make_views", "patchify", "inverse_block_masks"):
+        real = getattr(A, name)
+        monkeypatch.setattr(A, name, lambda *a, _real=real, _name=name, **k: calls.setdefault(_name, []).append(1)
+                            or _real(*a, **k))
+    out = tmp_path / "fig.png"
+    evaluate.main(["show", str(tmp_path / "x.npy"), "--ckpt", ckpt, "--out", str(out), "--seed", "3"])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    assert set(calls) == {"make_views", "patchify", "inverse_block_masks"}
+    monkeypatch.undo()
+    # the drawn views are exactly one pretraining step's: make_views with the preset's config and the seed
+    cloud = A.normalize_unit_sphere(torch.from_numpy(evaluate.read_user_cloud(str(tmp_path / "x.npy"), 1024))[None])[0]
+    drawn = evaluate.draw_views(cloud, "tiny", 3, 64, 32)
+    ref = A.make_views(cloud[None], drawn["cfg"], torch.Generator().manual_seed(3))
+    assert torch.equal(drawn["views"]["global"][1], ref["global"][1]) and torch.equal(drawn["views"]["mask"], ref["mask"])
+    assert drawn["views"]["mask"].shape[0] == drawn["cfg"].num_global_crops * drawn["cfg"].num_masks
+
+
+def test_shipped_checkpoint_and_examples_run(tmp_path):
+    root = os.path.dirname(os.path.abspath(__file__))
+    ckpt, examples = os.path.join(root, "checkpoints", "tiny_modelnet40.pt"), os.path.join(root, "examples")
+    if any(f.endswith(".ply") for f in os.listdir(examples)):
+        pytest.importorskip("trimesh")
+    evaluate.main(["embed", ckpt, examples, "--out", str(tmp_path / "f.npy")])
+    feats = np.load(tmp_path / "f.npy")
+    assert feats.shape[0] == len(os.listdir(examples)) >= 4 and np.allclose(np.linalg.norm(feats, axis=1), 1, atol=1e-4)
 
 
 # ==============================================================================================
