@@ -7,6 +7,9 @@ written by `export`, or on a randomly initialised encoder (`--random-init`, the 
 Subcommands, in the order of this file (right: the official source, under configs/):
   svm       frozen features, linear SVM + kNN (k=5, cosine)      ssrl/ssrl_trainer.yaml: EmbeddingClassifierEval
   finetune  full fine-tuning, MLP head: ScanObjectNN, ModelNet40 classification/variants/finetune_*.yaml
+            (--protocol modelnet40_8k: 8192 points)               classification/variants/finetune_ModelNet40_8k.yaml
+  probe     frozen encoder, linear or MLP-3 head                 classification/variants/{linear,mlp3}_from_pretrained.yaml
+  scratch   the fine-tuning baseline from random initialisation  classification/variants/scratch.yaml
   fewshot   few-shot ModelNet40, {5,10}-way x {10,20}-shot       classification/variants/fewshot.yaml
   export    the encoder alone: {"config": sizes, "state_dict"}   (ours, for other projects)
   plot      learning curves of a pretraining log.jsonl           (ours, matplotlib)
@@ -16,10 +19,15 @@ Run:  python evaluate.py svm runs/asymdsd/last.pt --data modelnet40 --data-root 
       python evaluate.py svm --random-init --preset tiny --data modelnet40 --data-root data/ModelNet40
       python evaluate.py finetune AsymDSD-S_ShapeNet.ckpt --data scanobjectnn_pbt50rs --data-root data/ScanObjectNN
       python evaluate.py fewshot runs/asymdsd/last.pt --data-root data/ModelNetFewshot --ways 5 --shots 10
-Every command prints a table and appends one JSON line to --results (default results.jsonl).
+      python evaluate.py probe runs/asymdsd/last.pt --head mlp3 --data scanobjectnn_objbg --data-root data/ScanObjectNN
+      python evaluate.py scratch --preset paper --data scanobjectnn_pbt50rs --data-root data/ScanObjectNN
+Every command prints a table and appends one JSON line to --results (default results.jsonl); every
+classification command also reports class-mean accuracy and writes a confusion matrix PNG, and the
+trained ones (finetune, probe, scratch) report test-time voting beside the single pass.
+`PretrainingEval` is the evaluation `asymdsd.py --eval-every N` runs on the teacher while it trains.
 
-Departures from the official code: 1, 9, 11, 12 (README, 'Deliberate departures'); 11 and 12 are
-tagged `# NOTE:` at their lines.
+Departures from the official code: 1, 9, 11, 12, 19, 20, 21 (README, 'Deliberate departures'); 11, 12,
+19 and 20 are tagged `# NOTE:` at their lines, 21 in asymdsd.py.
 
 Dimension legend: B batch, N points, G patches, K points per patch, D width, T tokens (1 + G), F features.
 """
@@ -80,9 +88,9 @@ PROTOCOLS.update({
                           warmup_start=0.0, final_lr=1e-7, rotate=False, scale=(0.6, 1.4), soft_init_head=False,
                           cls_feature=True, freeze_encoder=False),
 })
-# The official repository has no 8k data config (the variant sets the recipe only); 8192 points in
-# 512 patches of 32 are the ModelNet40 8k input of Point-MAE (cfgs/finetune_modelnet_8k.yaml: npoints,
-# num_group, group_size), the baseline the paper's ModelNet40 tables compare with.
+# NOTE: (departure 20) the official repository has no 8k data config (the variant sets the recipe only);
+# 8192 points in 512 patches of 32 are the ModelNet40 8k input of Point-MAE (cfgs/finetune_modelnet_8k.yaml:
+# npoints, num_group, group_size).
 MODELNET40_8K = dict(points=8192, patches=512)
 
 # Training augmentation per benchmark family (official configs/data/ModelNet40-S.yaml, ScanObjectNN*-S.yaml:
