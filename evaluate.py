@@ -576,7 +576,7 @@ def confusion_path(args, command: str, dataset: str, suffix: str = "") -> str | 
     named by command, dataset, tag and suffix; None with --confusion-dir none."""
     if (args.confusion_dir or "").lower() == "none":
         return None
-    folder = args.confusion_dir or os.path.join(os.path.dirname(os.path.abspath(args.results)), "confusion")
+    folder = args.confusion_dir or os.path.join(os.path.dirname(args.results), "confusion")
     name = "_".join(x for x in (command, dataset, re.sub(r"[^\w.-]+", "-", args.tag or ""), suffix) if x)
     return os.path.join(folder, name + ".png")
 
