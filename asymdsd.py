@@ -1067,8 +1067,8 @@ def validate(cfg: Config):
         value = getattr(c, name)
         need(value is None or value > 0, f"{name}={value}: must be above 0")
     for name in ("num_local_crops", "warmup_epochs", "temp_warmup_epochs", "num_workers", "ckpt_every",
-                 "snapshot_every", "max_steps", "eval_every", "eval_linear_epochs", "lr_start", "lr_final", "weight_decay", "koleo_weight",
-                 "regression_weight"):
+                 "snapshot_every", "max_steps", "eval_every", "eval_linear_epochs", "lr_start", "lr_final",
+                 "weight_decay", "koleo_weight", "regression_weight"):
         need(getattr(c, name) >= 0, f"{name}={getattr(c, name)}: must not be negative")
     for name in ("global_crop_scale", "local_crop_scale", "crop_aspect", "scale_range",
                  "teacher_temp_cls", "teacher_temp_patch"):
