@@ -188,6 +188,11 @@ class Config:
     snapshot_every: int = 0           # keep <out>/epoch_NNN.pt (teacher + config) every n epochs, for curves
     max_steps: int = 0                # stop after this many steps in total (0: run all epochs); for tests
     init: str | None = None           # start from an official .ckpt's student and teacher (fresh optimizer)
+    # evaluation of the teacher while it trains (evaluate.PretrainingEval; ssrl_trainer.yaml callbacks)
+    eval_every: int = 0               # linear SVM + kNN every n epochs (0: never)
+    eval_data: str | None = None      # benchmark (None: ModelNet40 when present)
+    eval_data_root: str | None = None
+    eval_linear_epochs: int = 0       # also a frozen linear probe of this many epochs (official 100; 0: none)
 
     def __post_init__(self):
         for key, value in MODE_DEFAULTS.get(self.mode, MODE_DEFAULTS["cls_mask"]).items():
@@ -1155,8 +1160,8 @@ def validate(cfg: Config):
         value = getattr(c, name)
         need(value is None or value > 0, f"{name}={value}: must be above 0")
     for name in ("num_local_crops", "warmup_epochs", "temp_warmup_epochs", "num_workers", "ckpt_every",
-                 "snapshot_every", "max_steps", "lr_start", "lr_final", "weight_decay", "koleo_weight",
-                 "regression_weight"):
+                 "snapshot_every", "max_steps", "eval_every", "eval_linear_epochs", "lr_start", "lr_final",
+                 "weight_decay", "koleo_weight", "regression_weight"):
         need(getattr(c, name) >= 0, f"{name}={getattr(c, name)}: must not be negative")
     for name in ("global_crop_scale", "local_crop_scale", "crop_aspect", "scale_range",
                  "teacher_temp_cls", "teacher_temp_patch"):
@@ -1401,11 +1406,16 @@ def pretrain(cfg: Config, resume: dict | None = None) -> str:
 
     import data
     from tqdm import tqdm
+    evaluator = None
+    if cfg.eval_every and rank == 0:
+        import evaluate  # only here: the method itself needs no evaluation code
+        evaluator = evaluate.PretrainingEval.from_config(cfg, device)
     log = open(log_path, "a") if rank == 0 else None
     if rank == 0:
         snapshots = f", teacher snapshots epoch_NNN.pt every {cfg.snapshot_every} epochs" if cfg.snapshot_every else ""
         print(f"run folder {cfg.out}: log {log_path}, checkpoint {ckpt_path}{snapshots}", flush=True)
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="pretrain", dynamic_ncols=True)
+    shown = {}   # progress-bar fields: the last loss and lr, the last evaluation
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     window_t, window_n = time.perf_counter(), 0
     try:
@@ -1447,9 +1457,18 @@ def pretrain(cfg: Config, resume: dict | None = None) -> str:
                             log.flush()
                         except OSError as e:
                             raise OSError(f"cannot write {log_path} ({e.strerror or e})") from e
-                    bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")
+                    shown.update(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")
+                    bar.set_postfix(shown)
                 if save_now:
                     checkpoint()
+                if evaluator and step % (cfg.eval_every * steps_per_epoch) == 0:
+                    # NOTE: (departure 21) official: SVM + kNN every 5 epochs on ModelNet40 and ScanObjectNN,
+                    # linear probes at fixed epochs, always on; here every --eval-every N epochs, one benchmark.
+                    ev = {"step": step, "epoch": step // steps_per_epoch, **evaluator(model.teacher["encoder"])}
+                    log.write(json.dumps(ev) + "\n")
+                    log.flush()
+                    shown.update({k[:-4]: f"{100 * v:.1f}" for k, v in ev.items() if k.endswith("_acc")})
+                    bar.set_postfix(shown)
                 if rank == 0 and cfg.snapshot_every and step % (cfg.snapshot_every * steps_per_epoch) == 0:
                     save_checkpoint(os.path.join(cfg.out, f"epoch_{step // steps_per_epoch:03d}.pt"),
                                     {"teacher": model.teacher.state_dict(), "config": dataclasses.asdict(cfg),
@@ -1476,13 +1495,14 @@ def pretrain(cfg: Config, resume: dict | None = None) -> str:
 # Config defaults <- the preset <- the mode's crop and mask counts (in `mask` mode) <- flags <- --set.
 
 VALUE_FLAGS = ("data", "data_root", "mode", "epochs", "batch_size", "lr", "out", "device", "precision", "seed",
-               "num_workers", "max_steps", "log_every", "init")
+               "num_workers", "max_steps", "log_every", "init", "eval_every", "eval_data")
 SWITCHES = ("compile", "download", "skip_bad", "grad_checkpoint")
 
 # What a resumed run may change: where and how fast it runs, how often it logs and saves, how long it goes
 # on. Every other setting defines what the run trains, and --resume refuses a new value for it.
-RESUME_MAY_CHANGE = ("epochs", "max_steps", "device", "precision", "compile", "grad_checkpoint", "num_workers", "log_every",
-                     "ckpt_every", "snapshot_every", "out", "data_root", "download", "skip_bad")
+RESUME_MAY_CHANGE = ("epochs", "max_steps", "device", "precision", "compile", "grad_checkpoint", "num_workers",
+                     "log_every", "ckpt_every", "snapshot_every", "out", "data_root", "download", "skip_bad",
+                     "eval_every", "eval_data", "eval_data_root", "eval_linear_epochs")
 
 
 def parse_value(key: str, text: str):
@@ -1642,6 +1662,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, help="DataLoader workers per process" + d("num_workers"))
     p.add_argument("--max-steps", type=int, help="stop after this many steps in total (0: all epochs)" + d("max_steps"))
     p.add_argument("--log-every", type=int, help="steps between log lines (each costs one host sync)" + d("log_every"))
+    p.add_argument("--eval-every", type=int, help="linear SVM + kNN of the teacher every N epochs, into log.jsonl "
+                   "(--set eval_linear_epochs=E adds a linear probe)" + d("eval_every"))
+    p.add_argument("--eval-data", help="benchmark for --eval-every, e.g. modelnet40, scanobjectnn_pbt50rs "
+                                       "(default: ModelNet40 when present; root: --set eval_data_root=PATH)")
     p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                    help="override any Config field, e.g. --set num_masks=1 predictor_attention=masked_self "
                         "(repeatable: every --set applies)")

@@ -7,6 +7,7 @@ headers; then one group each for data.py, evaluate.py and bench.py. Tests that n
 import argparse
 import dataclasses
 import http.server
+import importlib.util
 import io
 import json
 import math
@@ -2352,6 +2353,8 @@ def test_fewshot_runs_every_requested_fold(tmp_path):
     r = out["5way_10shot"]
     assert [f["fold"] for f in r["folds"]] == [0, 1]
     assert r["last_acc_mean"] == pytest.approx(np.mean([f["last_acc"] for f in r["folds"]]))
+    assert r["class_mean_acc_mean"] == pytest.approx(np.mean([f["last_class_mean"] for f in r["folds"]]))
+    assert r["last_acc_std"] == pytest.approx(np.std([f["last_acc"] for f in r["folds"]]))   # over the folds
     rec = json.loads(results.read_text().splitlines()[-1])
     assert rec["command"] == "fewshot" and rec["settings"]["folds"] == [0, 1]
     with pytest.raises(SystemExit, match="2.pkl"):            # fold 2 was never written: its name, no traceback
@@ -2570,6 +2573,139 @@ def test_shipped_checkpoint_and_examples_run(tmp_path):
     evaluate.main(["embed", ckpt, examples, "--out", str(tmp_path / "f.npy")])
     feats = np.load(tmp_path / "f.npy")
     assert feats.shape[0] == len(os.listdir(examples)) >= 4 and np.allclose(np.linalg.norm(feats, axis=1), 1, atol=1e-4)
+
+
+# -- frozen probes, voting, class-mean accuracy, evaluation while pretraining -----------------------
+
+def test_class_mean_accuracy_on_a_hand_made_confusion_matrix():
+    # class 0: 8 of 10 right; class 1: 1 of 2 right; class 2: no test clouds (left out of the mean)
+    target = [0] * 10 + [1] * 2
+    pred = [0] * 8 + [1, 2] + [1, 0]
+    conf = evaluate.confusion_matrix(pred, target, 3)
+    assert conf.tolist() == [[8, 1, 1], [1, 1, 0], [0, 0, 0]]
+    per_class, mean = evaluate.class_accuracies(conf)
+    assert per_class[:2].tolist() == [0.8, 0.5] and np.isnan(per_class[2])
+    assert mean == pytest.approx(0.65)                          # not the overall 9 / 12 = 0.75
+    m = evaluate.accuracy_metrics(conf, ["a", "b", "c"])
+    assert m["acc"] == pytest.approx(0.75) and m["per_class"] == {"a": 0.8, "b": 0.5, "c": None}
+
+
+@pytest.mark.parametrize("head", ["linear", "mlp"])
+def test_frozen_probe_learns_a_separable_toy_set_and_leaves_the_encoder_alone(head):
+    train, test = ListDataset(toy_clouds(32, seed=1)), ListDataset(toy_clouds(16, seed=2))
+    model = evaluate.Classifier(tiny_encoder(), 2, head=head)
+    assert isinstance(model.head, torch.nn.Linear) == (head == "linear")
+    if head == "linear":
+        assert model.head.bias is not None and model.head.in_features == 3 * TINY["dim"]   # [CLS, mean, max]
+    before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    protocol = dict(evaluate.recipe("frozen", "modelnet40"), epochs=20, warmup_epochs=0, lr=1e-2, final_lr=1e-3)
+    hist = evaluate.finetune(model, train, test, protocol, epochs=20, num_patches=8, patch_size=8, batch_size=8)
+    assert all(torch.equal(before[k], v) for k, v in model.encoder.state_dict().items())
+    assert hist[-1]["test_acc"] >= 0.9 and hist[-1]["test_class_mean"] >= 0.9   # spheres vs flat squares
+
+
+def test_recipes_follow_the_official_variants():
+    frozen, scratch = evaluate.recipe("frozen", "scanobjectnn_objbg"), evaluate.recipe("scratch", "modelnet40")
+    assert frozen["freeze_encoder"] is True and frozen["rotate"] and frozen["scale"] == (0.9, 1.1)
+    lr, first = evaluate.lr_schedule(frozen, 150, 2)              # optim/classification_optim_frozen.yaml
+    assert first == 0 and lr[0] == 0 and lr[20] == pytest.approx(5e-4) and 1e-7 <= lr[-1] < 2e-7
+    assert not scratch["cls_feature"] and scratch["lr"] == 1e-3 and scratch["scale"] == (0.6, 1.4)
+    mn8k = evaluate.PROTOCOLS["modelnet40_8k"]                   # two-stage lr, nothing frozen, 100 epochs
+    lr, first = evaluate.lr_schedule(mn8k, 100, 2)
+    assert first == 50 and len(lr) == 200 and lr[0] == pytest.approx(5e-4) and mn8k["freeze_encoder"] is False
+    data = ListDataset(toy_clouds(8))
+    for freeze, trains in ((False, True), (None, False)):    # one epoch, all of it in the first stage
+        model = evaluate.Classifier(tiny_encoder(), 2)
+        before = next(model.encoder.parameters()).clone()
+        protocol = {k: v for k, v in dict(mn8k, frozen_epochs=100, freeze_encoder=freeze).items() if v is not None}
+        evaluate.finetune(model, data, data, protocol, 1, 8, 8, batch_size=8)
+        assert torch.equal(before, next(model.encoder.parameters())) != trains   # 8k: the encoder trains at once
+
+
+class FirstCallModel(torch.nn.Module):
+    """Logits [1, 0] on its first call, [0, 1] on every later one (one batch holds the whole test set);
+    records its inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, patches, centers):
+        self.calls.append((patches, centers))
+        return torch.tensor([1.0, 0.0] if len(self.calls) == 1 else [0.0, 1.0]).expand(patches.shape[0], 2)
+
+
+def test_voting_sums_the_clean_pass_and_the_augmented_passes():
+    data = ListDataset(toy_clouds(6))
+    model = FirstCallModel()
+    iso = dict(rotate=False, scale=(2.0, 2.0))                  # isotropic: the same cloud once normalised
+    single, voted, labels = evaluate.predict(model, data, 8, 8, batch_size=6, votes=3, augmentation=iso)
+    assert single.argmax(1).tolist() == [0] * 6                 # the single pass alone says class 0
+    assert voted.tolist() == [[1.0, 2.0]] * 6                   # 1 clean + 2 augmented passes, logits summed
+    clean_centers, clean_patches = evaluate.eval_patches(torch.stack([p for p, _ in data]), 8, 8)
+    for patches, centers in model.calls:                        # every vote: the single pass's patches
+        assert torch.allclose(centers, clean_centers, atol=1e-5) and torch.allclose(patches, clean_patches, atol=1e-5)
+    model = FirstCallModel()
+    aniso = dict(rotate=False, scale=(0.5, 1.5))
+    evaluate.predict(model, data, 8, 8, batch_size=6, votes=2, augmentation=aniso)
+    (p0, c0), (p1, c1) = model.calls
+    assert not torch.allclose(c0, c1)                           # the augmented pass sees another cloud
+    model = FirstCallModel()
+    single, voted, _ = evaluate.predict(model, data, 8, 8, batch_size=6)
+    assert torch.equal(single, voted) and len(model.calls) == 1
+
+
+def test_probe_and_scratch_commands_write_class_mean_voting_and_confusion(tmp_path):
+    write_npy_tree(tmp_path / "mn")
+    results = tmp_path / "results.jsonl"
+    base = ["--data", "modelnet40", "--data-root", str(tmp_path / "mn"), "--cache-dir", str(tmp_path / "cache"),
+            "--num-points", "128", "--patches", "8", "--patch-size", "8", "--epochs", "1", "--batch-size", "4",
+            "--results", str(results), "--votes", "2"]
+    evaluate.main(["probe", "--random-init", "--preset", "tiny", "--head", "mlp3", *base])
+    evaluate.main(["scratch", "--preset", "tiny", *base, "--confusion-dir", "none"])
+    probe, scratch = [json.loads(line) for line in results.read_text().splitlines()]
+    assert probe["command"] == "probe_mlp3" and probe["settings"]["protocol"] == "frozen"
+    assert scratch["command"] == "scratch" and scratch["checkpoint"] == "random-init:tiny"
+    for rec in (probe, scratch):
+        m = rec["metrics"]
+        assert {"last_acc_mean", "class_mean_acc_mean", "vote_acc_mean", "per_class"} <= set(m)
+        assert set(m["per_class"]) == {"sphere", "square"} and rec["settings"]["votes"] == 2
+    assert scratch["metrics"]["confusion_png"] is None
+    if importlib.util.find_spec("matplotlib"):
+        assert os.path.getsize(probe["metrics"]["confusion_png"]) > 0
+        assert os.path.dirname(probe["metrics"]["confusion_png"]) == str(tmp_path / "confusion")
+    with pytest.raises(SystemExit, match="random initialisation"):
+        evaluate.main(["scratch", "some.pt", *base])
+
+
+def test_eval_every_logs_the_teacher_evaluation_and_leaves_training_unchanged(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("sklearn")
+    root = write_modelnet_folder(tmp_path / "mn")               # 300-point clouds: a benchmark input of 256
+    monkeypatch.setitem(evaluate.BENCHMARKS, "modelnet40", dict(points=256, patches=8, protocol="modelnet40"))
+    A.main(cli(root, tmp_path / "eval", "--eval-every", "1", eval_data_root=str(root), eval_linear_epochs=2))
+    A.main(cli(root, tmp_path / "plain"))
+    log = read_log(tmp_path / "eval")
+    evals = [r for r in log if "svm_acc" in r]
+    assert [(r["epoch"], r["step"]) for r in evals] == [(1, 4), (2, 8)]
+    for r in evals:
+        assert r["eval_data"] == "modelnet40" and 0 <= r["svm_acc"] <= 1 and 0 <= r["knn_acc"] <= 1
+        assert 0 <= r["linear_acc"] <= 1 and r["eval_seconds"] >= 0
+    train = [r for r in log if "loss" in r]
+    assert [r["loss"] for r in train] == [r["loss"] for r in read_log(tmp_path / "plain")]   # no stream touched
+    if importlib.util.find_spec("matplotlib"):
+        fig = evaluate.main(["plot", str(tmp_path / "eval" / "log.jsonl"), "--out", str(tmp_path / "c.png")])
+        assert fig.axes[0].get_title() == "modelnet40 test accuracy (%)"
+        assert [ln.get_label() for ln in fig.axes[0].get_lines()] == ["linear SVM", "kNN (k=5)", "linear probe"]
+    # no --eval-data and no ModelNet40 where it is looked for: a note, and the run trains on
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    A.main(["--data", "shapes", "--out", str(tmp_path / "none"), "--device", "cpu", "--batch-size", "4",
+            "--epochs", "1", "--num-workers", "0", "--eval-every", "1", "--max-steps", "2",
+            "--set", *set_args(warmup_epochs=0, temp_warmup_epochs=0)])
+    assert "no evaluation data" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--eval-data scanobjectnn_objbg"):
+        A.main(cli(root, tmp_path / "bad", "--eval-every", "1", "--eval-data", "scanobjectnn_objbg",
+                   eval_data_root=str(tmp_path / "nowhere")))
 
 
 # ==============================================================================================
