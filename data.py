@@ -1017,6 +1017,10 @@ def build_dataset(name: str, root: str | None, split: str = "train", num_points:
         return build_shapenet55(root, split, num_points, skip_bad, sampling, seed, cache_dir, workers)
     if name in SCANOBJECTNN_FILES:
         return build_scanobjectnn(name, root, split, num_points, skip_bad, sampling, seed)
+    if name == "mixture" or "+" in name:                # section 10
+        return build_mixture(name, root, split, num_points, download, skip_bad, sampling, seed, workers)
+    if name in MESH_SOURCES:
+        return build_mesh_source(name, root, num_points, skip_bad, seed, cache_dir)
     raise ValueError(f"unknown dataset {name!r}; choose from {DATASETS}")
 
 
@@ -1033,3 +1037,248 @@ def seed_worker(worker_id: int):
     info = torch.utils.data.get_worker_info()
     if info is not None and isinstance(getattr(info.dataset, "rng", None), np.random.Generator):
         info.dataset.rng = np.random.default_rng(seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# 10. Mixture: several sources at once (official configs/data/Mixture-U.yaml), one streamed,
+#     resumable, memory-mapped cache per mesh source, one mesh path through trimesh
+# ----------------------------------------------------------------------------------------------
+# The official Mixture-U concatenates the training splits of its sources with no weighting; so does
+# MixtureDataset. Two ways to name the sources:
+#   --data modelnet40+shapenet+objaverse --data-root data/ModelNet40,data/ShapeNetCore.v2.zip,data/objaverse
+#   --data mixture --data-root sources.txt      (one "name path" line per source; '#' comments)
+# A path '-' means the source's default (data/<Name>). Every root is checked before any work starts.
+
+MESH_SOURCES = {  # name -> (axis permutation of the official builder, file extensions read)
+    "meshes": (None, (".obj", ".off", ".glb", ".ply")),       # any mesh folder, axes as stored (ours)
+    "objaverse": (Z_UP, (".glb", ".ply")),                    # official ObjaverseBuilder: points[:, [2, 0, 1]]
+    "toys4k": (Z_UP, (".obj",)),                              # official Toys4KBuilder
+    "3dfuture": (Z_UP, (".obj",)),                            # official Future3DBuilder
+    "abo": (Z_UP, (".glb",)),                                 # official ABOBuilder
+    "scannedobjects": (None, (".obj",)),                      # official ScannedObjectsBuilder: no permutation
+}
+CACHE_PROGRESS_EVERY = 256   # shapes between progress records of a cache being built (resume points)
+
+
+def mesh_points(path: str, data: bytes, n: int, seed: int, permute=None) -> np.ndarray:
+    """The one mesh path of the mixture sources: OBJ, OFF, GLB or PLY bytes -> (n, 3) float32 surface
+    samples (area-weighted, seeded by (seed, file name)). A PLY without faces is a point cloud (the
+    Cap3D Objaverse clouds): subsampled to n without replacement, as the official ObjaverseBuilder
+    does. trimesh is imported only here (optional package)."""
+    try:
+        import trimesh
+    except ImportError:
+        raise SystemExit("reading GLB/PLY/OBJ meshes of the mixture sources needs trimesh: pip install trimesh") from None
+    ext = os.path.splitext(path)[1].lower().lstrip(".")
+    try:
+        scene = trimesh.load(io.BytesIO(data), file_type=ext, force="scene", process=False)
+        parts = scene.dump(concatenate=False)   # every geometry, its scene transform applied
+    except Exception as e:   # trimesh raises many kinds on damaged files
+        raise DataFileError(path, f"not a readable {ext.upper()} file ({type(e).__name__}: {e})") from None
+    tris = [p for p in parts if isinstance(p, trimesh.Trimesh) and len(p.faces)]
+    rng = item_rng(seed, path)
+    if tris:
+        mesh = trimesh.util.concatenate(tris)
+        v, f = np.asarray(mesh.vertices, np.float64), np.asarray(mesh.faces, np.int64)
+        if not np.isfinite(v).all():
+            raise DataFileError(path, "has non-finite vertex coordinates")
+        points = sample_surface(v, f, n, rng)
+    else:
+        clouds = [np.asarray(p.vertices) for p in parts if len(getattr(p, "vertices", ()))]
+        if not clouds:
+            raise DataFileError(path, "has no faces and no points")
+        points = np.concatenate(clouds).astype(np.float32)
+        if len(points) < n:
+            raise DataFileError(path, f"has {len(points)} points, fewer than the {n} asked for")
+        points = points[rng.choice(len(points), n, replace=False)]
+    if not np.isfinite(points).all():
+        raise DataFileError(path, "gives non-finite points")
+    return np.ascontiguousarray(points[:, permute] if permute is not None else points, dtype=np.float32)
+
+
+def stream_cache(path: str, keys: list[str], load_one, num_points: int, skip_bad: bool, what: str):
+    """Build `<path>` (.npy, (S, num_points, 3) float32) shape by shape through np.lib.format.open_memmap,
+    and return (the array memory-mapped read-only, rows = the good shapes in `keys` order; the indices
+    of the bad keys). load_one(key) ->
+    (num_points, 3). At most one shape is in memory at a time. Every CACHE_PROGRESS_EVERY shapes (and
+    on any interruption) `<path>.progress.json` records how far it got; a new call continues from
+    there. `<path>.json` is written last and marks the cache complete; it also lists the bad files.
+    Bad files raise DataFileError (naming the file), or with skip_bad are skipped and counted."""
+    part, progress, done_meta = path + ".part.npy", path + ".progress.json", path + ".json"
+    if os.path.exists(done_meta) and os.path.exists(path):
+        with open(done_meta) as fh:
+            meta = json.load(fh)
+        if meta.get("keys") == len(keys) and meta.get("num_points") == num_points:
+            _report_bad([tuple(b[1:]) for b in meta["bad"]], skip_bad, what)
+            return np.load(path, mmap_mode="r")[: meta["count"]], [b[0] for b in meta["bad"]]
+    state = dict(next=0, count=0, bad=[], keys=len(keys), num_points=num_points)
+    if os.path.exists(progress) and os.path.exists(part):
+        with open(progress) as fh:
+            saved = json.load(fh)
+        if saved.get("keys") == len(keys) and saved.get("num_points") == num_points:
+            state = saved                                    # resume where the last build stopped
+    if state["next"] == 0 or not os.path.exists(part):
+        state = dict(next=0, count=0, bad=[], keys=len(keys), num_points=num_points)
+        out = np.lib.format.open_memmap(part, "w+", np.float32, (max(len(keys), 1), num_points, 3))
+    else:
+        out = np.lib.format.open_memmap(part, "r+")
+
+    def save():
+        out.flush()
+        with open(progress + ".tmp", "w") as fh:
+            json.dump(state, fh)
+        os.replace(progress + ".tmp", progress)
+
+    bar = tqdm(range(state["next"], len(keys)), initial=state["next"], total=len(keys),
+               desc=f"caching {what}", disable=len(keys) < 200)
+    try:
+        for i in bar:
+            try:
+                cloud = load_one(keys[i])
+                if cloud.shape != (num_points, 3):
+                    raise DataFileError(keys[i], f"gives {cloud.shape} points, expected ({num_points}, 3)")
+                out[state["count"]] = cloud
+                state["count"] += 1
+            except DataFileError as e:
+                if not skip_bad:
+                    raise DataFileError(e.path, f"{e.problem}. Replace or remove the file, or skip bad "
+                                                f"files with --skip-bad") from None
+                state["bad"].append([i, e.path, e.problem])
+            state["next"] = i + 1
+            if state["next"] % CACHE_PROGRESS_EVERY == 0:
+                save()
+    finally:
+        save()                                               # interrupted or not: a resume point
+        del out
+    if state["count"] == 0:
+        raise DataFileError(os.path.dirname(path) or ".", f"{what}: no readable shapes")
+    os.replace(part, path)
+    with open(done_meta + ".tmp", "w") as fh:
+        json.dump(dict(state, bytes=os.path.getsize(path)), fh)
+    os.replace(done_meta + ".tmp", done_meta)
+    os.remove(progress)
+    _report_bad([tuple(b[1:]) for b in state["bad"]], True, what)   # warnings + count (we got here: skip_bad)
+    return np.load(path, mmap_mode="r")[: state["count"]], [b[0] for b in state["bad"]]
+
+
+def build_mesh_source(name: str, root: str, num_points: int | None, skip_bad: bool, seed: int,
+                      cache_dir: str | None = None) -> PointCloudDataset:
+    """A folder (or zip) of meshes / Cap3D .ply clouds of source `name` (MESH_SOURCES), every file one
+    shape, no labels (the mixture is for pretraining), cached by stream_cache. num_points None: 16384."""
+    permute, exts = MESH_SOURCES[name]
+    if root is None or not os.path.exists(root):
+        raise DataFileError(root or "<none>", f"source {name} needs an existing folder (--data-root)")
+    n = num_points or PRE_SAMPLE_POINTS
+    archive = Archive(root)
+    names = [m for m in archive.names() if m.lower().endswith(exts)]
+    if not names:
+        raise DataFileError(root, f"no {'/'.join(exts)} files for source {name}")
+    cache_dir = _writable(cache_dir or default_cache_dir(root))
+    key = hashlib.sha1("\n".join(names).encode() + archive.fingerprint(names).encode()).hexdigest()[:10]
+    path = os.path.join(cache_dir, f"{name}_{n}pts_seed{seed}_{key}.npy")
+    points, bad = stream_cache(path, names, lambda m: mesh_points(archive.label(m), archive.read(m), n, seed, permute),
+                          n, skip_bad, name)
+    skipped = set(bad)
+    files = [archive.label(m) for i, m in enumerate(names) if i not in skipped]
+    return PointCloudDataset(points, np.zeros(len(points), np.int64), [name], name, files)
+
+
+class MixtureDataset(torch.utils.data.Dataset):
+    """Plain concatenation of sources (official Mixture-U: no weighting). item -> (points, source index).
+    Each source keeps its own storage (memmap for cached sources), so nothing here copies shapes."""
+
+    def __init__(self, sources: list[tuple[str, str, torch.utils.data.Dataset]]):
+        self.sources = sources
+        self.offsets = np.cumsum([0] + [len(ds) for _, _, ds in sources])   # (K+1,)
+        self.classes, self.name = [s for s, _, _ in sources], "mixture"
+        self.files = _MixtureFiles(self)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def locate(self, i: int) -> tuple[int, int]:
+        k = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return k, i - int(self.offsets[k])
+
+    def __getitem__(self, i: int):
+        k, j = self.locate(i)
+        points, _ = self.sources[k][2][j]
+        return points, k
+
+    def table(self) -> str:
+        rows = [("source", "root", "shapes", "share")]
+        rows += [(s, r, f"{len(ds):,}", f"{100 * len(ds) / max(len(self), 1):.1f}%") for s, r, ds in self.sources]
+        rows.append(("total", "", f"{len(self):,}", "100.0%"))
+        w = [max(len(r[c]) for r in rows) for c in range(4)]
+        return "\n".join("  ".join(r[c].ljust(w[c]) for c in range(4)) for r in rows)
+
+
+class _MixtureFiles:
+    """mixture.files[i] -> '<source>: <file or index>', without building one list of all names."""
+
+    def __init__(self, mix: MixtureDataset):
+        self.mix = mix
+
+    def __len__(self):
+        return len(self.mix)
+
+    def __getitem__(self, i):
+        k, j = self.mix.locate(i)
+        name, _, ds = self.mix.sources[k]
+        files = getattr(ds, "files", None)
+        return f"{name}: {files[j] if files is not None and j < len(files) else f'{name}[{j}]'}"
+
+
+def parse_sources(name: str, root: str | None) -> list[tuple[str, str | None]]:
+    """(source, root or None) pairs from 'a+b+c' with 'r1,r2,r3', or from 'mixture' with a list file."""
+    if name == "mixture":
+        if not root or not os.path.isfile(root):
+            raise DataFileError(root or "<none>", "--data mixture needs --data-root FILE with one 'name path' line per source")
+        pairs = []
+        with open(root) as fh:
+            for n, line in enumerate(fh, 1):
+                line = line.split("#", 1)[0].strip()
+                if not line:
+                    continue
+                parts = line.split(None, 1)
+                if len(parts) != 2:
+                    raise DataFileError(f"{root}:{n}", f"expected 'name path', got {line!r}")
+                pairs.append((parts[0], parts[1].strip()))
+    else:
+        names = name.split("+")
+        roots = root.split(",") if root else ["-"] * len(names)
+        if len(roots) != len(names):
+            raise DataFileError(root, f"{len(names)} sources ({name}) but {len(roots)} comma-separated roots")
+        pairs = list(zip(names, roots))
+    if not pairs:
+        raise DataFileError(root or name, "no sources")
+    return [(s, None if r in ("-", "") else r) for s, r in pairs]
+
+
+def build_mixture(name: str, root: str | None, split: str = "train", num_points: int | None = None,
+                  download: bool = False, skip_bad: bool = False, sampling: str = "fps", seed: int = 0,
+                  workers: int | None = None) -> MixtureDataset:
+    """The sources of `name`/`root` (parse_sources), each built as alone, concatenated; prints the table."""
+    pairs = parse_sources(name, root)
+    known = set(DATASETS) | set(MESH_SOURCES)
+    for s, r in pairs:                       # everything checked before any source is read
+        if s not in known:
+            raise DataFileError(root or name, f"unknown source {s!r}; choose from {sorted(known)}")
+        if r is not None and not os.path.exists(r):
+            raise DataFileError(r, f"root of source {s} does not exist")
+        if r is None and s in MESH_SOURCES:
+            raise DataFileError(name, f"source {s} needs a root folder")
+    sources = []
+    for s, r in pairs:
+        if s in MESH_SOURCES:
+            ds = build_mesh_source(s, r, num_points, skip_bad, seed)
+        else:
+            ds = build_dataset(s, r, split, num_points, download, skip_bad, sampling, seed, workers=workers)
+        sources.append((s, r or "(default)", ds))
+    sizes = {s: tuple(ds[0][0].shape) for s, _, ds in sources}
+    if len(set(sizes.values())) > 1:
+        raise DataFileError(root or name, f"sources give clouds of different sizes {sizes}: pass num_points "
+                                          "(CLI: --set source_points=N) so that they can share a batch")
+    mix = MixtureDataset(sources)
+    print(mix.table(), flush=True)
+    return mix

@@ -1580,6 +1580,117 @@ def test_seed_worker_gives_distinct_streams():
     assert [n for _, n in seeded[0]] != [n for _, n in seeded[1]]
 
 
+# -- mixture: several sources, the trimesh mesh path, the streamed cache -----------------------
+
+def write_mesh_sources(root: Path, n=3):
+    """Synthetic trees: meshes/ (OBJ, OFF), objaverse/ (GLB meshes + one Cap3D-style .ply cloud).
+    Every shape is an axis-aligned box of extents (1, 2, 3), so axis conventions can be read off."""
+    trimesh = pytest.importorskip("trimesh")
+    box = trimesh.creation.box(extents=(1, 2, 3))
+    (root / "meshes" / "sub").mkdir(parents=True)
+    (root / "objaverse" / "000-001").mkdir(parents=True)
+    for i in range(n):
+        (root / "meshes" / "sub" / f"m{i}.obj").write_text(box.export(file_type="obj"))
+        (root / "meshes" / f"m{i}.off").write_text(box.export(file_type="off"))
+        (root / "objaverse" / "000-001" / f"uid{i}.glb").write_bytes(box.export(file_type="glb"))
+    cloud = trimesh.PointCloud(np.random.default_rng(0).uniform(-0.5, 0.5, (3000, 3)) * (1, 2, 3))
+    (root / "objaverse" / "cap3d.ply").write_bytes(cloud.export(file_type="ply"))
+    return root / "meshes", root / "objaverse"
+
+
+def test_mixture_table_axes_and_source_labels(tmp_path, capsys):
+    meshes, objav = write_mesh_sources(tmp_path)
+    mn = write_modelnet_folder(tmp_path / "mn")
+    mix = data.build_dataset("modelnet40+meshes+objaverse", f"{mn},{meshes},{objav}", num_points=256)
+    table = capsys.readouterr().out
+    assert len(mix) == 16 + 6 + 4
+    for row in ("modelnet40", "meshes", "objaverse", "total"):
+        assert row in table
+    assert "61.5%" in table and "23.1%" in table and "15.4%" in table     # 16, 6, 4 of 26
+    labels = [mix[i][1] for i in range(len(mix))]
+    assert labels == [0] * 16 + [1] * 6 + [2] * 4
+    ext = lambda p: (p.max(0).values - p.min(0).values).numpy()
+    assert ext(mix[16][0]) == pytest.approx([1, 2, 3], abs=0.05)           # meshes: axes as stored
+    for i in (22, 23, 24, 25):                                               # objaverse: [2, 0, 1] (z-up)
+        assert ext(mix[i][0]) == pytest.approx([3, 1, 2], abs=0.1), mix.files[i]
+    assert mix[0][0].shape == (256, 3) and "cap3d.ply" in mix.files[25]
+    # the list-file form gives the same mixture; a missing root is named before any work
+    lst = tmp_path / "sources.txt"
+    lst.write_text(f"# name path\nmodelnet40 {mn}\nmeshes {meshes}\nobjaverse {objav}\n")
+    again = data.build_dataset("mixture", str(lst), num_points=256)
+    assert len(again) == len(mix) and torch.equal(again[20][0], mix[20][0])
+    lst.write_text(f"meshes {meshes}\nobjaverse {tmp_path / 'nowhere'}\n")
+    with pytest.raises(data.DataFileError, match="nowhere.*root of source objaverse does not exist"):
+        data.build_dataset("mixture", str(lst), num_points=128)                # 128: no cache of meshes yet
+    assert not list((tmp_path / "meshes_cache").glob("*128pts*"))
+    with pytest.raises(data.DataFileError, match="2 sources .* 1 comma-separated"):
+        data.build_dataset("meshes+objaverse", str(meshes), num_points=128)
+    with pytest.raises(data.DataFileError, match="different sizes"):           # 300 stored vs 16384 sampled
+        data.build_dataset("modelnet40+meshes", f"{mn},{meshes}")
+
+
+def test_mixture_broken_mesh_named_or_skipped_and_counted(tmp_path, capsys):
+    meshes, _ = write_mesh_sources(tmp_path)
+    (meshes / "broken.glb").write_bytes(b"glTF not really")
+    with pytest.raises(data.DataFileError, match="broken.glb.*not a readable GLB.*--skip-bad"):
+        data.build_dataset("meshes", str(meshes), num_points=64)
+    with pytest.warns(UserWarning, match="broken.glb"):
+        ds = data.build_dataset("meshes", str(meshes), num_points=64, skip_bad=True)
+    assert len(ds) == 6 and "meshes: skipped 1 bad file" in capsys.readouterr().out
+
+
+def _clouds(n_points):
+    return lambda key: np.full((n_points, 3), float(key), np.float32)
+
+
+def test_stream_cache_resumes_where_it_stopped(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "CACHE_PROGRESS_EVERY", 4)
+    keys, calls = [str(i) for i in range(10)], []
+
+    def flaky(key):
+        calls.append(key)
+        if key == "7" and len(calls) == 8:
+            raise KeyboardInterrupt                       # Ctrl-C while shape 7 is being sampled
+        return _clouds(8)(key)
+
+    with pytest.raises(KeyboardInterrupt):
+        data.stream_cache(str(tmp_path / "c.npy"), keys, flaky, 8, False, "toy")
+    assert json.load(open(tmp_path / "c.npy.progress.json"))["next"] == 7
+    calls.clear()
+    out, bad = data.stream_cache(str(tmp_path / "c.npy"), keys, flaky, 8, False, "toy")
+    assert calls == ["7", "8", "9"]                       # only what was left
+    assert bad == [] and isinstance(out, np.memmap) and out[:, 0, 0].tolist() == list(range(10))
+    calls.clear()
+    assert data.stream_cache(str(tmp_path / "c.npy"), keys, flaky, 8, False, "toy")[0].shape == (10, 8, 3)
+    assert calls == [] and not (tmp_path / "c.npy.progress.json").exists()
+
+
+def test_stream_cache_memory_stays_flat_as_shapes_grow_tenfold(tmp_path):
+    import tracemalloc
+    peaks = {}
+    for n in (50, 500):
+        keys = [str(i) for i in range(n)]
+        tracemalloc.start()
+        out, _ = data.stream_cache(str(tmp_path / f"c{n}.npy"), keys, _clouds(1024), 1024, False, "toy")
+        ds = data.MixtureDataset([("toy", "-", data.PointCloudDataset(out, np.zeros(n), ["toy"], "toy"))])
+        assert ds[n - 1][0][0, 0] == n - 1
+        peaks[n] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    total = 500 * 1024 * 3 * 4                                # 6 MB of points in the bigger cache
+    assert peaks[500] < total / 10, peaks
+    assert peaks[500] < 1.5 * peaks[50] + 64_000, peaks       # flat: not ten times more
+
+
+def test_pretraining_on_a_three_source_mixture(tmp_path):
+    meshes, objav = write_mesh_sources(tmp_path)
+    mn = write_modelnet_folder(tmp_path / "mn")
+    args = cli(f"{mn},{meshes},{objav}", tmp_path / "run", "--max-steps", "3", source_points=256)
+    args[args.index("modelnet40")] = "modelnet40+meshes+objaverse"
+    A.main(args)
+    log = read_log(tmp_path / "run")
+    assert [r["step"] for r in log] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in log)
+
+
 # ==============================================================================================
 # evaluate.py: features, SVM/kNN, fine-tuning, checkpoints, few-shot
 # ==============================================================================================
