@@ -12,6 +12,10 @@ Datasets, each with the official builder it follows (in brackets, under asymdsd/
   modelnet40           ModelNet40.zip OFF meshes: 16384 samples, then exact FPS [ModelNet40/modelnet40.py]
   modelnet40_fewshot   Point-BERT ModelNetFewshot pickles, y<->z swapped [ModelNetFewShot/modelnetfewshot.py]
   shapes               procedural primitives (sphere, box, ...) for smoke runs and tests   (ours)
+  meshes, objaverse, toys4k, 3dfuture, abo, scannedobjects
+                       folders of OBJ/OFF/GLB/PLY files (Objaverse also Cap3D .ply clouds), one
+                       mesh path through trimesh, 16384 samples, each source's axis rule  [section 10]
+  a+b+c, mixture       several sources concatenated (configs/data/Mixture-U.yaml)       [section 10]
 
 Usage (the pretraining and evaluation scripts do exactly this):
     ds = build_dataset("modelnet40", "data/ModelNet40", "train", num_points=1024)
@@ -1090,6 +1094,9 @@ def mesh_points(path: str, data: bytes, n: int, seed: int, permute=None) -> np.n
         points = np.concatenate(clouds).astype(np.float32)
         if len(points) < n:
             raise DataFileError(path, f"has {len(points)} points, fewer than the {n} asked for")
+        # NOTE: (departure 26) official ObjaverseBuilder downloads the GLBs itself, draws this subset from
+        # numpy's global stream, and drops clouds with fewer than min_num_points unique points; here a
+        # local folder, a subset seeded per file, and only clouds with fewer than n points are refused.
         points = points[rng.choice(len(points), n, replace=False)]
     if not np.isfinite(points).all():
         raise DataFileError(path, "gives non-finite points")
@@ -1104,6 +1111,9 @@ def stream_cache(path: str, keys: list[str], load_one, num_points: int, skip_bad
     on any interruption) `<path>.progress.json` records how far it got; a new call continues from
     there. `<path>.json` is written last and marks the cache complete; it also lists the bad files.
     Bad files raise DataFileError (naming the file), or with skip_bad are skipped and counted."""
+    # NOTE: (departure 24) official writes one zarr store per source (asymdsd/data/data_module_zarr.py,
+    # dataset_path: data/<Source>.zarr) and starts over when interrupted; here one .npy per source that
+    # numpy memory-maps without another package, resumed from its last progress record.
     part, progress, done_meta = path + ".part.npy", path + ".progress.json", path + ".json"
     if os.path.exists(done_meta) and os.path.exists(path):
         with open(done_meta) as fh:
@@ -1129,6 +1139,8 @@ def stream_cache(path: str, keys: list[str], load_one, num_points: int, skip_bad
             json.dump(state, fh)
         os.replace(progress + ".tmp", progress)
 
+    # NOTE: (departure 27) official builds a source with num_workers_create_ds processes
+    # (configs/data/Mixture-U.yaml); here one process, shape by shape, so that the resume point is exact.
     bar = tqdm(range(state["next"], len(keys)), initial=state["next"], total=len(keys),
                desc=f"caching {what}", disable=len(keys) < 200)
     try:
@@ -1275,6 +1287,9 @@ def build_mixture(name: str, root: str | None, split: str = "train", num_points:
         else:
             ds = build_dataset(s, r, split, num_points, download, skip_bad, sampling, seed, workers=workers)
         sources.append((s, r or "(default)", ds))
+    # NOTE: (departure 25) official keeps each source's stored count (ScanObjectNN 2048, meshes 16384) and
+    # subsamples / pads per batch (data_module_zarr.py: UniformSampleArrays, pad_to_length); batches here
+    # stack one size, so a mixture of different sizes asks for source_points.
     sizes = {s: tuple(ds[0][0].shape) for s, _, ds in sources}
     if len(set(sizes.values())) > 1:
         raise DataFileError(root or name, f"sources give clouds of different sizes {sizes}: pass num_points "
