@@ -15,6 +15,7 @@ Datasets, each with the official builder it follows (in brackets, under asymdsd/
   meshes, objaverse, toys4k, 3dfuture, abo, scannedobjects
                        folders of OBJ/OFF/GLB/PLY files (Objaverse also Cap3D .ply clouds), one
                        mesh path through trimesh, 16384 samples, each source's axis rule  [section 10]
+  omniobject3d         OmniObject3D.zip HDF5 files, 16384 points, z-up [OmniObject3D/omniobject3d.py]
   a+b+c, mixture       several sources concatenated (configs/data/Mixture-U.yaml)       [section 10]
 
 Usage (the pretraining and evaluation scripts do exactly this):
@@ -1025,6 +1026,8 @@ def build_dataset(name: str, root: str | None, split: str = "train", num_points:
         return build_mixture(name, root, split, num_points, download, skip_bad, sampling, seed, workers)
     if name in MESH_SOURCES:
         return build_mesh_source(name, root, num_points, skip_bad, seed, cache_dir)
+    if name == "omniobject3d":
+        return build_omniobject3d(root, num_points, skip_bad, sampling, seed, cache_dir)
     raise ValueError(f"unknown dataset {name!r}; choose from {DATASETS}")
 
 
@@ -1195,6 +1198,66 @@ def build_mesh_source(name: str, root: str, num_points: int | None, skip_bad: bo
     return PointCloudDataset(points, np.zeros(len(points), np.int64), [name], name, files)
 
 
+def build_omniobject3d(root: str, num_points: int | None, skip_bad: bool, sampling: str, seed: int,
+                       cache_dir: str | None = None) -> PointCloudDataset:
+    """OmniObject3D's point clouds (official OmniObject3DBuilder): `OmniObject3D.zip` (or its folder)
+    of HDF5 files `<class>_<n>.hdf5`, each a `data` array (K, 16384, 3); every row one shape, axes
+    `[2, 0, 1]`, label = the file name before its last '_'. Streamed into a cache like the meshes."""
+    if root is None or not os.path.exists(root):
+        raise DataFileError(root or "<none>", "source omniobject3d needs an existing OmniObject3D.zip or folder")
+    try:
+        import h5py
+    except ImportError:
+        raise SystemExit("reading OmniObject3D needs h5py: pip install h5py") from None
+    archive = Archive(root)
+    members = [m for m in archive.names() if m.lower().endswith((".h5", ".hdf5"))]
+    if not members:
+        raise DataFileError(root, "no .h5/.hdf5 files for source omniobject3d")
+    opened = {}                                       # the one file being read: rows are cached in order
+
+    def rows_of(member):
+        if member not in opened:
+            opened.clear()
+            try:
+                with h5py.File(io.BytesIO(archive.read(member)), "r") as f:
+                    opened[member] = np.asarray(f["data"][:], dtype=np.float32)
+            except (OSError, KeyError, ValueError) as e:
+                opened[member] = DataFileError(archive.label(member), f"not an HDF5 file with a 'data' array ({e})")
+        if isinstance(opened[member], DataFileError):
+            raise opened[member]
+        return opened[member]
+
+    keys = []
+    for m in members:                                 # counting rows reads only each file's header
+        try:
+            with h5py.File(io.BytesIO(archive.read(m)), "r") as f:
+                shape = f["data"].shape
+        except (OSError, KeyError, ValueError, DataFileError):
+            shape = (1,)                              # one key, reported bad when it is loaded
+        keys += [f"{m}#{i}" for i in range(shape[0])]
+    classes = sorted({m.split("/")[-1].rsplit("_", 1)[0] for m in members})
+
+    def load_one(key):
+        member, row = key.rsplit("#", 1)
+        data = rows_of(member)
+        if data.ndim != 3 or data.shape[2] != 3:
+            raise DataFileError(archive.label(member), f"'data' has shape {data.shape}, expected (K, N, 3)")
+        points = data[int(row)][:, Z_UP]              # official: data[index][:, [2, 0, 1]]
+        if not np.isfinite(points).all():
+            raise DataFileError(f"{archive.label(member)}[{row}]", "has non-finite coordinates")
+        return resample(points, n, sampling, item_rng(seed, key), f"{archive.label(member)}[{row}]")
+
+    n = num_points or PRE_SAMPLE_POINTS
+    cache_dir = _writable(cache_dir or default_cache_dir(root))
+    tag = hashlib.sha1("\n".join(keys).encode() + archive.fingerprint(members).encode()).hexdigest()[:10]
+    path = os.path.join(cache_dir, f"omniobject3d_{n}pts_{sampling}_seed{seed}_{tag}.npy")
+    points, bad = stream_cache(path, keys, load_one, n, skip_bad, "omniobject3d")
+    skipped = set(bad)
+    good = [k for i, k in enumerate(keys) if i not in skipped]
+    labels = [classes.index(k.rsplit("#", 1)[0].split("/")[-1].rsplit("_", 1)[0]) for k in good]
+    return PointCloudDataset(points, labels, classes, "omniobject3d", good)
+
+
 class MixtureDataset(torch.utils.data.Dataset):
     """Plain concatenation of sources (official Mixture-U: no weighting). item -> (points, source index).
     Each source keeps its own storage (memmap for cached sources), so nothing here copies shapes."""
@@ -1272,18 +1335,20 @@ def build_mixture(name: str, root: str | None, split: str = "train", num_points:
                   workers: int | None = None) -> MixtureDataset:
     """The sources of `name`/`root` (parse_sources), each built as alone, concatenated; prints the table."""
     pairs = parse_sources(name, root)
-    known = set(DATASETS) | set(MESH_SOURCES)
+    known = set(DATASETS) | set(MESH_SOURCES) | {"omniobject3d"}
     for s, r in pairs:                       # everything checked before any source is read
         if s not in known:
             raise DataFileError(root or name, f"unknown source {s!r}; choose from {sorted(known)}")
         if r is not None and not os.path.exists(r):
             raise DataFileError(r, f"root of source {s} does not exist")
-        if r is None and s in MESH_SOURCES:
+        if r is None and (s in MESH_SOURCES or s == "omniobject3d"):
             raise DataFileError(name, f"source {s} needs a root folder")
     sources = []
     for s, r in pairs:
         if s in MESH_SOURCES:
             ds = build_mesh_source(s, r, num_points, skip_bad, seed)
+        elif s == "omniobject3d":
+            ds = build_omniobject3d(r, num_points, skip_bad, sampling, seed)
         else:
             ds = build_dataset(s, r, split, num_points, download, skip_bad, sampling, seed, workers=workers)
         sources.append((s, r or "(default)", ds))

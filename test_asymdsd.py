@@ -1639,6 +1639,25 @@ def test_mixture_broken_mesh_named_or_skipped_and_counted(tmp_path, capsys):
     assert len(ds) == 6 and "meshes: skipped 1 bad file" in capsys.readouterr().out
 
 
+def test_omniobject3d_reader_rows_axes_labels_and_bad_file(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    folder = tmp_path / "OmniObject3D"
+    folder.mkdir()
+    box = (np.random.default_rng(0).uniform(-0.5, 0.5, (2, 512, 3)) * (1, 2, 3)).astype(np.float32)
+    for name, rows in (("apple_0.hdf5", box), ("toy_car_1.hdf5", box[:1])):
+        with h5py.File(folder / name, "w") as f:
+            f["data"] = rows
+    zip_tree(folder, tmp_path / "OmniObject3D.zip")
+    ds = data.build_dataset("omniobject3d", str(tmp_path / "OmniObject3D.zip"), num_points=512)
+    assert len(ds) == 3 and ds.classes == ["apple", "toy_car"] and ds.labels.tolist() == [0, 0, 1]
+    p = ds[1][0].numpy()                                       # official: data[index][:, [2, 0, 1]]
+    assert np.array_equal(p, box[1][:, [2, 0, 1]])
+    assert data.build_dataset("omniobject3d", str(folder), num_points=256)[0][0].shape == (256, 3)
+    (folder / "broken_2.hdf5").write_bytes(b"not hdf5")
+    with pytest.raises(data.DataFileError, match="broken_2.hdf5.*not an HDF5 file"):
+        data.build_dataset("omniobject3d", str(folder), num_points=256)
+
+
 def _clouds(n_points):
     return lambda key: np.full((n_points, 3), float(key), np.float32)
 
