@@ -16,6 +16,7 @@ Datasets, each with the official builder it follows (in brackets, under asymdsd/
                        folders of OBJ/OFF/GLB/PLY files (Objaverse also Cap3D .ply clouds), one
                        mesh path through trimesh, 16384 samples, each source's axis rule  [section 10]
   omniobject3d         OmniObject3D.zip HDF5 files, 16384 points, z-up [OmniObject3D/omniobject3d.py]
+  objaverse_lvis       Objaverse-LVIS few-shot splits (shot, fold)   [Objaverse_v2/objaverse_.py]
   a+b+c, mixture       several sources concatenated (configs/data/Mixture-U.yaml)       [section 10]
 
 Usage (the pretraining and evaluation scripts do exactly this):
@@ -1028,6 +1029,8 @@ def build_dataset(name: str, root: str | None, split: str = "train", num_points:
         return build_mesh_source(name, root, num_points, skip_bad, seed, cache_dir)
     if name == "omniobject3d":
         return build_omniobject3d(root, num_points, skip_bad, sampling, seed, cache_dir)
+    if name == "objaverse_lvis":
+        return build_objaverse_lvis(root, split, num_points, shot, fold, skip_bad, seed, cache_dir)
     raise ValueError(f"unknown dataset {name!r}; choose from {DATASETS}")
 
 
@@ -1256,6 +1259,58 @@ def build_omniobject3d(root: str, num_points: int | None, skip_bad: bool, sampli
     good = [k for i, k in enumerate(keys) if i not in skipped]
     labels = [classes.index(k.rsplit("#", 1)[0].split("/")[-1].rsplit("_", 1)[0]) for k in good]
     return PointCloudDataset(points, labels, classes, "omniobject3d", good)
+
+
+def objaverse_lvis_split(annotations: dict, available, shot: int, fold: int):
+    """The Objaverse-LVIS few-shot split of official ObjaverseV2Builder (lvis_annotations, lvis_few_shot
+    = shot, lvis_few_shot_seed = fold): categories in the annotations' order, objects missing here
+    left out, categories with fewer than `shot` objects dropped; one random.Random(fold) shuffles each
+    category's list in turn; its first `shot` objects train, the rest test.
+    annotations {category: [uid, ...]}, available: set of uids -> (train [(uid, label)], test, classes)"""
+    kept = {}
+    for category, uids in annotations.items():
+        present = [u for u in uids if u in available]
+        if len(present) >= shot:
+            kept[category] = present
+    rng = random.Random(fold)
+    train, test = [], []
+    for label, uids in enumerate(kept.values()):
+        order = list(uids)
+        rng.shuffle(order)
+        train += [(u, label) for u in order[:shot]]
+        test += [(u, label) for u in order[shot:]]
+    return train, test, list(kept)
+
+
+def build_objaverse_lvis(root: str | None, split: str = "train", num_points: int | None = None, shot: int = 10,
+                         fold: int = 0, skip_bad: bool = False, seed: int = 0, cache_dir: str | None = None,
+                         annotations: str | None = None) -> PointCloudDataset:
+    """Objaverse-LVIS few-shot (official configs/data/ObjaVerse_LVIS-S.yaml): the objaverse source of
+    `root` (file stem = uid), labelled by the LVIS annotations (`<root>/lvis-annotations.json[.gz]`, as
+    objaverse.load_lvis_annotations() stores them), split by objaverse_lvis_split. 1024 points by default."""
+    import gzip
+    if root is None or not os.path.exists(root):
+        raise DataFileError(root or "<none>", "objaverse_lvis needs --data-root: a folder of Objaverse .glb / Cap3D .ply files")
+    if annotations is None:
+        found = [os.path.join(root, f) for f in ("lvis-annotations.json", "lvis-annotations.json.gz")]
+        annotations = next((f for f in found if os.path.exists(f)), found[0])
+    try:
+        opener = gzip.open if annotations.endswith(".gz") else open
+        with opener(annotations, "rt") as fh:
+            lvis = json.load(fh)
+        assert isinstance(lvis, dict) and all(isinstance(v, list) for v in lvis.values())
+    except (OSError, ValueError, AssertionError) as e:
+        raise DataFileError(annotations, f"not a readable LVIS annotations file {{category: [uid, ...]}} "
+                                         f"({type(e).__name__}); get it with objaverse.load_lvis_annotations()") from None
+    shapes = build_mesh_source("objaverse", root, num_points or 1024, skip_bad, seed, cache_dir)
+    row = {os.path.splitext(os.path.basename(f))[0]: i for i, f in enumerate(shapes.files)}
+    train, test, classes = objaverse_lvis_split(lvis, row, shot, fold)
+    items = train if split == "train" else test
+    if not items:
+        raise DataFileError(root, f"no LVIS category has {shot} objects in this folder")
+    rows = [row[u] for u, _ in items]
+    return PointCloudDataset(np.asarray(shapes.points[rows]), [y for _, y in items], classes,
+                             "objaverse_lvis", [shapes.files[r] for r in rows])
 
 
 class MixtureDataset(torch.utils.data.Dataset):

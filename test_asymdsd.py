@@ -12,6 +12,7 @@ import json
 import math
 import os
 import pickle
+import random
 import re
 import socket
 import subprocess
@@ -2105,6 +2106,55 @@ def test_fewshot_runs_every_requested_fold(tmp_path):
     assert rec["command"] == "fewshot" and rec["settings"]["folds"] == [0, 1]
     with pytest.raises(SystemExit, match="2.pkl"):            # fold 2 was never written: its name, no traceback
         evaluate.main(base + ["--folds", "2"])
+
+
+def test_objaverse_lvis_split_follows_the_official_rule():
+    lvis = {"mug": [f"m{i}" for i in range(13)], "rare": ["r0", "r1"], "car": [f"c{i}" for i in range(12)]}
+    available = set(lvis["mug"]) | set(lvis["rare"]) | {f"c{i}" for i in range(11)}     # c11 not downloaded
+    train, test, classes = data.objaverse_lvis_split(lvis, available, shot=10, fold=3)
+    assert classes == ["mug", "car"]                          # 'rare' has fewer than 10 objects: dropped
+    rng = random.Random(3)                                   # official: one Random(seed), a shuffle per category in turn
+    mug, car = list(lvis["mug"]), [f"c{i}" for i in range(11)]
+    rng.shuffle(mug)
+    rng.shuffle(car)
+    assert train == [(u, 0) for u in mug[:10]] + [(u, 1) for u in car[:10]]
+    assert test == [(u, 0) for u in mug[10:]] + [(u, 1) for u in car[10:]]
+    assert data.objaverse_lvis_split(lvis, available, 10, 4)[0] != train
+
+
+def test_objaverse_lvis_protocol_keeps_the_encoder_frozen_and_head_linear():
+    train = data.build_shapes("train", num_points=128, num_shapes=8)
+    model = evaluate.Classifier(tiny_encoder(), 8, True, 0.0, linear_head=True)
+    assert isinstance(model.head, torch.nn.Linear)
+    before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    head = model.head.weight.clone()
+    evaluate.finetune(model, train, train, evaluate.PROTOCOLS["objaverse_lvis"], 2, 8, 8, batch_size=4)
+    assert all(torch.equal(before[k], v) for k, v in model.encoder.state_dict().items())
+    assert not torch.equal(head, model.head.weight)
+
+
+def test_objaverse_lvis_command_top_k(tmp_path):
+    trimesh = pytest.importorskip("trimesh")
+    root = tmp_path / "objaverse" / "000-000"
+    root.mkdir(parents=True)
+    shapes = {"box": trimesh.creation.box(extents=(1, 2, 3)), "ball": trimesh.creation.icosphere(subdivisions=2)}
+    lvis = {c: [f"{c}{i}" for i in range(11)] for c in shapes}
+    for c, mesh in shapes.items():
+        for u in lvis[c]:
+            (root / f"{u}.glb").write_bytes(mesh.export(file_type="glb"))
+    (tmp_path / "objaverse" / "lvis-annotations.json").write_text(json.dumps(lvis))
+    out = evaluate.main(["objaverse_lvis", "--random-init", "--preset", "tiny", "--data-root", str(tmp_path / "objaverse"),
+                         "--folds", "0", "--epochs", "1", "--num-points", "128", "--patches", "8", "--patch-size", "8",
+                         "--batch-size", "4", "--results", str(tmp_path / "r.jsonl")])
+    assert set(out) == {"last_top1_mean", "last_top3_mean", "last_top5_mean"}
+    assert out["last_top3_mean"] == out["last_top5_mean"] == 1.0       # 2 classes: always in the top 3
+    rec = json.loads((tmp_path / "r.jsonl").read_text().splitlines()[-1])
+    f = rec["metrics"]["folds"][0]
+    assert (f["classes"], f["train"], f["test"]) == (2, 20, 2) and rec["command"] == "objaverse_lvis"
+    (tmp_path / "objaverse" / "lvis-annotations.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="lvis-annotations.json: not a readable LVIS"):
+        evaluate.main(["objaverse_lvis", "--random-init", "--preset", "tiny", "--data-root", str(tmp_path / "objaverse"),
+                       "--folds", "0", "--epochs", "1"])
 
 
 # ==============================================================================================
