@@ -1062,6 +1062,7 @@ def seed_worker(worker_id: int):
 MESH_SOURCES = {  # name -> (axis permutation of the official builder, file extensions read)
     "meshes": (None, (".obj", ".off", ".glb", ".ply")),       # any mesh folder, axes as stored (ours)
     "objaverse": (Z_UP, (".glb", ".ply")),                    # official ObjaverseBuilder: points[:, [2, 0, 1]]
+                                                              # (GLB); Cap3D .ply clouds as stored (ObjaverseV2Builder)
     "toys4k": (Z_UP, (".obj",)),                              # official Toys4KBuilder
     "3dfuture": (Z_UP, (".obj",)),                            # official Future3DBuilder
     "abo": (Z_UP, (".glb",)),                                 # official ABOBuilder
@@ -1194,8 +1195,10 @@ def build_mesh_source(name: str, root: str, num_points: int | None, skip_bad: bo
     cache_dir = _writable(cache_dir or default_cache_dir(root))
     key = hashlib.sha1("\n".join(names).encode() + archive.fingerprint(names).encode()).hexdigest()[:10]
     path = os.path.join(cache_dir, f"{name}_{n}pts_seed{seed}_{key}.npy")
-    points, bad = stream_cache(path, names, lambda m: mesh_points(archive.label(m), archive.read(m), n, seed, permute),
-                          n, skip_bad, name)
+    # official ObjaverseV2Builder keeps the Cap3D clouds' axes (no permutation); the GLBs are y-up
+    axes = lambda m: None if name == "objaverse" and m.lower().endswith(".ply") else permute
+    points, bad = stream_cache(path, names, lambda m: mesh_points(archive.label(m), archive.read(m), n, seed, axes(m)),
+                               n, skip_bad, name)
     skipped = set(bad)
     files = [archive.label(m) for i, m in enumerate(names) if i not in skipped]
     return PointCloudDataset(points, np.zeros(len(points), np.int64), [name], name, files)

@@ -1612,8 +1612,9 @@ def test_mixture_table_axes_and_source_labels(tmp_path, capsys):
     assert labels == [0] * 16 + [1] * 6 + [2] * 4
     ext = lambda p: (p.max(0).values - p.min(0).values).numpy()
     assert ext(mix[16][0]) == pytest.approx([1, 2, 3], abs=0.05)           # meshes: axes as stored
-    for i in (22, 23, 24, 25):                                               # objaverse: [2, 0, 1] (z-up)
+    for i in (22, 23, 24):                                                   # objaverse GLB: [2, 0, 1] (z-up)
         assert ext(mix[i][0]) == pytest.approx([3, 1, 2], abs=0.1), mix.files[i]
+    assert ext(mix[25][0]) == pytest.approx([1, 2, 3], abs=0.1)              # Cap3D .ply: as stored (V2 builder)
     assert mix[0][0].shape == (256, 3) and "cap3d.ply" in mix.files[25]
     # the list-file form gives the same mixture; a missing root is named before any work
     lst = tmp_path / "sources.txt"
