@@ -17,6 +17,7 @@ Datasets, each with the official builder it follows (in brackets, under asymdsd/
                        mesh path through trimesh, 16384 samples, each source's axis rule  [section 10]
   omniobject3d         OmniObject3D.zip HDF5 files, 16384 points, z-up [OmniObject3D/omniobject3d.py]
   objaverse_lvis       Objaverse-LVIS few-shot splits (shot, fold)   [Objaverse_v2/objaverse_.py]
+  s3dis_objects        S3DIS Annotations/*.txt objects of areas 1-6, >= 2048 points [S3DIS_objects/]
   a+b+c, mixture       several sources concatenated (configs/data/Mixture-U.yaml)       [section 10]
 
 Usage (the pretraining and evaluation scripts do exactly this):
@@ -1029,6 +1030,8 @@ def build_dataset(name: str, root: str | None, split: str = "train", num_points:
         return build_mesh_source(name, root, num_points, skip_bad, seed, cache_dir)
     if name == "omniobject3d":
         return build_omniobject3d(root, num_points, skip_bad, sampling, seed, cache_dir)
+    if name == "s3dis_objects":
+        return build_s3dis_objects(root, num_points, skip_bad, seed, cache_dir)
     if name == "objaverse_lvis":
         return build_objaverse_lvis(root, split, num_points, shot, fold, skip_bad, seed, cache_dir)
     raise ValueError(f"unknown dataset {name!r}; choose from {DATASETS}")
@@ -1113,7 +1116,7 @@ def mesh_points(path: str, data: bytes, n: int, seed: int, permute=None) -> np.n
 def stream_cache(path: str, keys: list[str], load_one, num_points: int, skip_bad: bool, what: str):
     """Build `<path>` (.npy, (S, num_points, 3) float32) shape by shape through np.lib.format.open_memmap,
     and return (the array memory-mapped read-only, rows = the good shapes in `keys` order; the indices
-    of the bad keys). load_one(key) ->
+    of the keys left out: bad, or dropped because load_one returned None). load_one(key) ->
     (num_points, 3). At most one shape is in memory at a time. Every CACHE_PROGRESS_EVERY shapes (and
     on any interruption) `<path>.progress.json` records how far it got; a new call continues from
     there. `<path>.json` is written last and marks the cache complete; it also lists the bad files.
@@ -1127,15 +1130,15 @@ def stream_cache(path: str, keys: list[str], load_one, num_points: int, skip_bad
             meta = json.load(fh)
         if meta.get("keys") == len(keys) and meta.get("num_points") == num_points:
             _report_bad([tuple(b[1:]) for b in meta["bad"]], skip_bad, what)
-            return np.load(path, mmap_mode="r")[: meta["count"]], [b[0] for b in meta["bad"]]
-    state = dict(next=0, count=0, bad=[], keys=len(keys), num_points=num_points)
+            return np.load(path, mmap_mode="r")[: meta["count"]], sorted([b[0] for b in meta["bad"]] + meta["dropped"])
+    state = dict(next=0, count=0, bad=[], dropped=[], keys=len(keys), num_points=num_points)
     if os.path.exists(progress) and os.path.exists(part):
         with open(progress) as fh:
             saved = json.load(fh)
         if saved.get("keys") == len(keys) and saved.get("num_points") == num_points:
             state = saved                                    # resume where the last build stopped
     if state["next"] == 0 or not os.path.exists(part):
-        state = dict(next=0, count=0, bad=[], keys=len(keys), num_points=num_points)
+        state = dict(next=0, count=0, bad=[], dropped=[], keys=len(keys), num_points=num_points)
         out = np.lib.format.open_memmap(part, "w+", np.float32, (max(len(keys), 1), num_points, 3))
     else:
         out = np.lib.format.open_memmap(part, "r+")
@@ -1154,6 +1157,10 @@ def stream_cache(path: str, keys: list[str], load_one, num_points: int, skip_bad
         for i in bar:
             try:
                 cloud = load_one(keys[i])
+                if cloud is None:                        # the source's own rule leaves it out (too few points)
+                    state["dropped"].append(i)
+                    state["next"] = i + 1
+                    continue
                 if cloud.shape != (num_points, 3):
                     raise DataFileError(keys[i], f"gives {cloud.shape} points, expected ({num_points}, 3)")
                 out[state["count"]] = cloud
@@ -1177,7 +1184,9 @@ def stream_cache(path: str, keys: list[str], load_one, num_points: int, skip_bad
     os.replace(done_meta + ".tmp", done_meta)
     os.remove(progress)
     _report_bad([tuple(b[1:]) for b in state["bad"]], True, what)   # warnings + count (we got here: skip_bad)
-    return np.load(path, mmap_mode="r")[: state["count"]], [b[0] for b in state["bad"]]
+    if state["dropped"]:
+        print(f"[data] {what}: left out {len(state['dropped'])} shape(s) by the source's point-count rule", flush=True)
+    return np.load(path, mmap_mode="r")[: state["count"]], sorted([b[0] for b in state["bad"]] + state["dropped"])
 
 
 def build_mesh_source(name: str, root: str, num_points: int | None, skip_bad: bool, seed: int,
@@ -1262,6 +1271,49 @@ def build_omniobject3d(root: str, num_points: int | None, skip_bad: bool, sampli
     good = [k for i, k in enumerate(keys) if i not in skipped]
     labels = [classes.index(k.rsplit("#", 1)[0].split("/")[-1].rsplit("_", 1)[0]) for k in good]
     return PointCloudDataset(points, labels, classes, "omniobject3d", good)
+
+
+S3DIS_AREAS = ("Area_1", "Area_2", "Area_3", "Area_4", "Area_5", "Area_6")   # Mixture-U split_map: train
+
+
+def build_s3dis_objects(root: str | None, num_points: int | None, skip_bad: bool, seed: int,
+                        cache_dir: str | None = None, min_points: int = 2048) -> PointCloudDataset:
+    """S3DIS objects (official S3DISObjectsBuilder, Mixture-U: areas 1-6): every
+    `Stanford3dDataset_v1.2/Area_N/<room>/Annotations/<class>_<i>.txt` of the zip (or its folder) is one
+    object, its rows `x y z r g b`; xyz kept as stored (z-up, no permutation); objects with fewer than
+    `min_points` points (official min_num_points 2048) left out, the others subsampled without
+    replacement to num_points (default 2048: every kept object has that many)."""
+    if root is None or not os.path.exists(root):
+        raise DataFileError(root or "<none>", "source s3dis_objects needs Stanford3dDataset_v1.2.zip or its folder")
+    n = num_points or min_points
+    archive = Archive(root)
+    names = [m for m in archive.names() if m.endswith(".txt") and len(m.split("/")) >= 4
+             and m.split("/")[-2] == "Annotations" and m.split("/")[-4] in S3DIS_AREAS]
+    if not names:
+        raise DataFileError(root, "no Area_N/<room>/Annotations/*.txt files (S3DIS layout)")
+    classes = sorted({m.split("/")[-1].split("_")[0] for m in names})
+
+    def load_one(m):
+        label = archive.label(m)
+        try:
+            rows = np.loadtxt(io.StringIO(archive.read(m).decode("utf-8", "replace")), dtype=np.float32, ndmin=2)
+        except ValueError as e:
+            raise DataFileError(label, f"not rows of numbers ({e})") from None
+        if rows.shape[1] < 3 or not np.isfinite(rows[:, :3]).all():
+            raise DataFileError(label, f"expected finite x y z columns, got shape {rows.shape}")
+        if len(rows) < max(min_points, n):
+            return None
+        # NOTE: (departure 26) official draws this subset from the builder's one numpy generator; here per file
+        return rows[np.sort(item_rng(seed, m).choice(len(rows), n, replace=False)), :3]
+
+    cache_dir = _writable(cache_dir or default_cache_dir(root))
+    tag = hashlib.sha1("\n".join(names).encode() + archive.fingerprint(names).encode()).hexdigest()[:10]
+    path = os.path.join(cache_dir, f"s3dis_objects_{n}pts_min{min_points}_seed{seed}_{tag}.npy")
+    points, skipped = stream_cache(path, names, load_one, n, skip_bad, "s3dis_objects")
+    skipped = set(skipped)
+    files = [m for i, m in enumerate(names) if i not in skipped]
+    labels = [classes.index(m.split("/")[-1].split("_")[0]) for m in files]
+    return PointCloudDataset(points, labels, classes, "s3dis_objects", files)
 
 
 def objaverse_lvis_split(annotations: dict, available, shot: int, fold: int):
@@ -1393,13 +1445,13 @@ def build_mixture(name: str, root: str | None, split: str = "train", num_points:
                   workers: int | None = None) -> MixtureDataset:
     """The sources of `name`/`root` (parse_sources), each built as alone, concatenated; prints the table."""
     pairs = parse_sources(name, root)
-    known = set(DATASETS) | set(MESH_SOURCES) | {"omniobject3d"}
+    known = set(DATASETS) | set(MESH_SOURCES) | {"omniobject3d", "s3dis_objects"}
     for s, r in pairs:                       # everything checked before any source is read
         if s not in known:
             raise DataFileError(root or name, f"unknown source {s!r}; choose from {sorted(known)}")
         if r is not None and not os.path.exists(r):
             raise DataFileError(r, f"root of source {s} does not exist")
-        if r is None and (s in MESH_SOURCES or s == "omniobject3d"):
+        if r is None and (s in MESH_SOURCES or s in ("omniobject3d", "s3dis_objects")):
             raise DataFileError(name, f"source {s} needs a root folder")
     sources = []
     for s, r in pairs:
@@ -1407,6 +1459,8 @@ def build_mixture(name: str, root: str | None, split: str = "train", num_points:
             ds = build_mesh_source(s, r, num_points, skip_bad, seed)
         elif s == "omniobject3d":
             ds = build_omniobject3d(r, num_points, skip_bad, sampling, seed)
+        elif s == "s3dis_objects":
+            ds = build_s3dis_objects(r, num_points, skip_bad, seed)
         else:
             ds = build_dataset(s, r, split, num_points, download, skip_bad, sampling, seed, workers=workers)
         sources.append((s, r or "(default)", ds))

@@ -1660,6 +1660,27 @@ def test_omniobject3d_reader_rows_axes_labels_and_bad_file(tmp_path):
         data.build_dataset("omniobject3d", str(folder), num_points=256)
 
 
+def test_s3dis_objects_reader_drops_small_objects_and_names_bad_files(tmp_path):
+    base = tmp_path / "Stanford3dDataset_v1.2"
+    rng = np.random.default_rng(0)
+    for area, obj, n in (("Area_1", "chair_1", 3000), ("Area_1", "table_2", 1000), ("Area_6", "sofa_1", 2500),
+                         ("Area_7", "chair_9", 3000)):                         # Area_7 is not an S3DIS area
+        d = base / area / "office_1" / "Annotations"
+        d.mkdir(parents=True, exist_ok=True)
+        rows = np.hstack([rng.uniform(0, 1, (n, 3)), rng.integers(0, 255, (n, 3))])
+        np.savetxt(d / f"{obj}.txt", rows, fmt="%.6f")
+    (base / "Area_1" / "office_1" / "office_1.txt").write_text("1 2 3 4 5 6\n")   # the room, not an object
+    zip_tree(base, tmp_path / "s3dis.zip")
+    ds = data.build_dataset("s3dis_objects", str(tmp_path / "s3dis.zip"))
+    assert len(ds) == 2 and ds.points.shape[1:] == (2048, 3)               # table_2 (1000 < 2048) left out
+    assert [f.split("/")[-1] for f in ds.files] == ["chair_1.txt", "sofa_1.txt"]
+    src = np.loadtxt(base / "Area_1" / "office_1" / "Annotations" / "chair_1.txt")[:, :3]
+    assert np.isin(ds.points[0][:, 0], src[:, 0].astype(np.float32)).all()   # xyz as stored, a subset
+    (base / "Area_1" / "office_1" / "Annotations" / "door_1.txt").write_text("1 2 x\n")
+    with pytest.raises(data.DataFileError, match="door_1.txt: not rows of numbers"):
+        data.build_dataset("s3dis_objects", str(base))
+
+
 def _clouds(n_points):
     return lambda key: np.full((n_points, 3), float(key), np.float32)
 
