@@ -1114,6 +1114,21 @@ def mesh_points(path: str, data: bytes, n: int, seed: int, permute=None) -> np.n
 
 
 def stream_cache(path: str, keys: list[str], load_one, num_points: int, skip_bad: bool, what: str):
+    """stream_cache_unlocked under an exclusive lock on `<path>.lock`: torchrun ranks (or two runs)
+    asking for the same cache wait for the one that builds it, then read it."""
+    try:
+        import fcntl
+    except ImportError:                                       # not POSIX: no lock
+        return stream_cache_unlocked(path, keys, load_one, num_points, skip_bad, what)
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return stream_cache_unlocked(path, keys, load_one, num_points, skip_bad, what)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def stream_cache_unlocked(path: str, keys: list[str], load_one, num_points: int, skip_bad: bool, what: str):
     """Build `<path>` (.npy, (S, num_points, 3) float32) shape by shape through np.lib.format.open_memmap,
     and return (the array memory-mapped read-only, rows = the good shapes in `keys` order; the indices
     of the keys left out: bad, or dropped because load_one returned None). load_one(key) ->

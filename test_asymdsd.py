@@ -10,6 +10,7 @@ import http.server
 import io
 import json
 import math
+import multiprocessing
 import os
 import pickle
 import random
@@ -1721,6 +1722,31 @@ def test_stream_cache_memory_stays_flat_as_shapes_grow_tenfold(tmp_path):
     total = 500 * 1024 * 3 * 4                                # 6 MB of points in the bigger cache
     assert peaks[500] < total / 10, peaks
     assert peaks[500] < 1.5 * peaks[50] + 64_000, peaks       # flat: not ten times more
+
+
+def _build_toy_cache(path, queue):
+    calls = []
+
+    def load(k):
+        calls.append(k)
+        return np.full((64, 3), float(k), np.float32)
+
+    out, _ = data.stream_cache(path, [str(i) for i in range(300)], load, 64, False, "toy")
+    queue.put((len(calls), float(out[:, 0, 0].sum())))
+
+
+def test_stream_cache_two_processes_build_it_once(tmp_path):
+    """torchrun ranks ask for the same cache at once: one builds it, the other waits and reads it."""
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_build_toy_cache, args=(str(tmp_path / "c.npy"), queue)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    outs = sorted(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(30)
+    assert all(p.exitcode == 0 for p in procs)
+    assert outs == [(0, float(sum(range(300)))), (300, float(sum(range(300))))]
 
 
 def test_pretraining_on_a_three_source_mixture(tmp_path):
