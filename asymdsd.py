@@ -1632,9 +1632,11 @@ def default_text(key: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="AsymDSD self-supervised pretraining on point clouds")
     d = default_text
-    p.add_argument("--data", help="dataset: modelnet40, shapenet, shapenet55, shapes (procedural, no download), ..."
+    p.add_argument("--data", help="dataset: modelnet40, shapenet, shapenet55, shapes (procedural, no download), ...; "
+                                  "several at once: a+b+c with --data-root r1,r2,r3, or mixture with --data-root LIST"
                                   + d("data"))
-    p.add_argument("--data-root", help="dataset folder or archive (default: data/<dataset>)")
+    p.add_argument("--data-root", help="dataset folder or archive (default: data/<dataset>); for a+b+c one per "
+                                       "source, comma-separated ('-': the default); for mixture a file of 'name path' lines")
     p.add_argument("--download", action="store_true", help="download ModelNet40 if it is missing")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable shapes (warned, counted) instead of stopping")
     p.add_argument("--preset", choices=sorted(PRESETS),

@@ -12,6 +12,13 @@ Datasets, each with the official builder it follows (in brackets, under asymdsd/
   modelnet40           ModelNet40.zip OFF meshes: 16384 samples, then exact FPS [ModelNet40/modelnet40.py]
   modelnet40_fewshot   Point-BERT ModelNetFewshot pickles, y<->z swapped [ModelNetFewShot/modelnetfewshot.py]
   shapes               procedural primitives (sphere, box, ...) for smoke runs and tests   (ours)
+  meshes, objaverse, toys4k, 3dfuture, abo, scannedobjects
+                       folders of OBJ/OFF/GLB/PLY files (Objaverse also Cap3D .ply clouds), one
+                       mesh path through trimesh, 16384 samples, each source's axis rule  [section 10]
+  omniobject3d         OmniObject3D.zip HDF5 files, 16384 points, z-up [OmniObject3D/omniobject3d.py]
+  objaverse_lvis       Objaverse-LVIS few-shot splits (shot, fold)   [Objaverse_v2/objaverse_.py]
+  s3dis_objects        S3DIS Annotations/*.txt objects of areas 1-6, >= 2048 points [S3DIS_objects/]
+  a+b+c, mixture       several sources concatenated (configs/data/Mixture-U.yaml)       [section 10]
 
 Usage (the pretraining and evaluation scripts do exactly this):
     ds = build_dataset("modelnet40", "data/ModelNet40", "train", num_points=1024)
@@ -1184,6 +1191,16 @@ def build_dataset(name: str, root: str | None, split: str = "train", num_points:
         return build_shapenet55(root, split, num_points, skip_bad, sampling, seed, cache_dir, workers)
     if name in SCANOBJECTNN_FILES:
         return build_scanobjectnn(name, root, split, num_points, skip_bad, sampling, seed)
+    if name == "mixture" or "+" in name:                # section 10
+        return build_mixture(name, root, split, num_points, download, skip_bad, sampling, seed, workers)
+    if name in MESH_SOURCES:
+        return build_mesh_source(name, root, num_points, skip_bad, seed, cache_dir)
+    if name == "omniobject3d":
+        return build_omniobject3d(root, num_points, skip_bad, sampling, seed, cache_dir)
+    if name == "s3dis_objects":
+        return build_s3dis_objects(root, num_points, skip_bad, seed, cache_dir)
+    if name == "objaverse_lvis":
+        return build_objaverse_lvis(root, split, num_points, shot, fold, skip_bad, seed, cache_dir)
     raise ValueError(f"unknown dataset {name!r}; choose from {DATASETS}")
 
 
@@ -1200,3 +1217,442 @@ def seed_worker(worker_id: int):
     info = torch.utils.data.get_worker_info()
     if info is not None and isinstance(getattr(info.dataset, "rng", None), np.random.Generator):
         info.dataset.rng = np.random.default_rng(seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# 10. Mixture: several sources at once (official configs/data/Mixture-U.yaml), one streamed,
+#     resumable, memory-mapped cache per mesh source, one mesh path through trimesh
+# ----------------------------------------------------------------------------------------------
+# The official Mixture-U concatenates the training splits of its sources with no weighting; so does
+# MixtureDataset. Two ways to name the sources:
+#   --data modelnet40+shapenet+objaverse --data-root data/ModelNet40,data/ShapeNetCore.v2.zip,data/objaverse
+#   --data mixture --data-root sources.txt      (one "name path" line per source; '#' comments)
+# A path '-' means the source's default (data/<Name>). Every root is checked before any work starts.
+
+MESH_SOURCES = {  # name -> (axis permutation of the official builder, file extensions read)
+    "meshes": (None, (".obj", ".off", ".glb", ".ply")),       # any mesh folder, axes as stored (ours)
+    "objaverse": (Z_UP, (".glb", ".ply")),                    # official ObjaverseBuilder: points[:, [2, 0, 1]]
+                                                              # (GLB); Cap3D .ply clouds as stored (ObjaverseV2Builder)
+    "toys4k": (Z_UP, (".obj",)),                              # official Toys4KBuilder
+    "3dfuture": (Z_UP, (".obj",)),                            # official Future3DBuilder
+    "abo": (Z_UP, (".glb",)),                                 # official ABOBuilder
+    "scannedobjects": (None, (".obj",)),                      # official ScannedObjectsBuilder: no permutation
+}
+CACHE_PROGRESS_EVERY = 256   # shapes between progress records of a cache being built (resume points)
+
+
+def mesh_points(path: str, data: bytes, n: int, seed: int, permute=None) -> np.ndarray:
+    """The one mesh path of the mixture sources: OBJ, OFF, GLB or PLY bytes -> (n, 3) float32 surface
+    samples (area-weighted, seeded by (seed, file name)). A PLY without faces is a point cloud (the
+    Cap3D Objaverse clouds): subsampled to n without replacement, as the official ObjaverseBuilder
+    does. trimesh is imported only here (optional package)."""
+    try:
+        import trimesh
+    except ImportError:
+        raise SystemExit("reading GLB/PLY/OBJ meshes of the mixture sources needs trimesh: pip install trimesh") from None
+    ext = os.path.splitext(path)[1].lower().lstrip(".")
+    try:
+        scene = trimesh.load(io.BytesIO(data), file_type=ext, force="scene", process=False)
+        parts = scene.dump(concatenate=False)   # every geometry, its scene transform applied
+    except Exception as e:   # trimesh raises many kinds on damaged files
+        raise DataFileError(path, f"not a readable {ext.upper()} file ({type(e).__name__}: {e})") from None
+    tris = [p for p in parts if isinstance(p, trimesh.Trimesh) and len(p.faces)]
+    rng = item_rng(seed, path)
+    if tris:
+        mesh = trimesh.util.concatenate(tris)
+        v, f = np.asarray(mesh.vertices, np.float64), np.asarray(mesh.faces, np.int64)
+        if not np.isfinite(v).all():
+            raise DataFileError(path, "has non-finite vertex coordinates")
+        points = sample_surface(v, f, n, rng)
+    else:
+        clouds = [np.asarray(p.vertices) for p in parts if len(getattr(p, "vertices", ()))]
+        if not clouds:
+            raise DataFileError(path, "has no faces and no points")
+        points = np.concatenate(clouds).astype(np.float32)
+        if len(points) < n:
+            raise DataFileError(path, f"has {len(points)} points, fewer than the {n} asked for")
+        # NOTE: (departure 26) official ObjaverseBuilder downloads the GLBs itself, draws this subset from
+        # numpy's global stream, and drops clouds with fewer than min_num_points unique points; here a
+        # local folder, a subset seeded per file, and only clouds with fewer than n points are refused.
+        points = points[rng.choice(len(points), n, replace=False)]
+    if not np.isfinite(points).all():
+        raise DataFileError(path, "gives non-finite points")
+    return np.ascontiguousarray(points[:, permute] if permute is not None else points, dtype=np.float32)
+
+
+def stream_cache(path: str, keys: list[str], load_one, num_points: int, skip_bad: bool, what: str):
+    """stream_cache_unlocked under an exclusive lock on `<path>.lock`: torchrun ranks (or two runs)
+    asking for the same cache wait for the one that builds it, then read it."""
+    try:
+        import fcntl
+    except ImportError:                                       # not POSIX: no lock
+        return stream_cache_unlocked(path, keys, load_one, num_points, skip_bad, what)
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return stream_cache_unlocked(path, keys, load_one, num_points, skip_bad, what)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def stream_cache_unlocked(path: str, keys: list[str], load_one, num_points: int, skip_bad: bool, what: str):
+    """Build `<path>` (.npy, (S, num_points, 3) float32) shape by shape through np.lib.format.open_memmap,
+    and return (the array memory-mapped read-only, rows = the good shapes in `keys` order; the indices
+    of the keys left out: bad, or dropped because load_one returned None). load_one(key) ->
+    (num_points, 3). At most one shape is in memory at a time. Every CACHE_PROGRESS_EVERY shapes (and
+    on any interruption) `<path>.progress.json` records how far it got; a new call continues from
+    there. `<path>.json` is written last and marks the cache complete; it also lists the bad files.
+    Bad files raise DataFileError (naming the file), or with skip_bad are skipped and counted."""
+    # NOTE: (departure 24) official writes one zarr store per source (asymdsd/data/data_module_zarr.py,
+    # dataset_path: data/<Source>.zarr) and starts over when interrupted; here one .npy per source that
+    # numpy memory-maps without another package, resumed from its last progress record.
+    part, progress, done_meta = path + ".part.npy", path + ".progress.json", path + ".json"
+    if os.path.exists(done_meta) and os.path.exists(path):
+        with open(done_meta) as fh:
+            meta = json.load(fh)
+        if meta.get("keys") == len(keys) and meta.get("num_points") == num_points:
+            _report_bad([tuple(b[1:]) for b in meta["bad"]], skip_bad, what)
+            return np.load(path, mmap_mode="r")[: meta["count"]], sorted([b[0] for b in meta["bad"]] + meta["dropped"])
+    state = dict(next=0, count=0, bad=[], dropped=[], keys=len(keys), num_points=num_points)
+    if os.path.exists(progress) and os.path.exists(part):
+        with open(progress) as fh:
+            saved = json.load(fh)
+        if saved.get("keys") == len(keys) and saved.get("num_points") == num_points:
+            state = saved                                    # resume where the last build stopped
+    if state["next"] == 0 or not os.path.exists(part):
+        state = dict(next=0, count=0, bad=[], dropped=[], keys=len(keys), num_points=num_points)
+        out = np.lib.format.open_memmap(part, "w+", np.float32, (max(len(keys), 1), num_points, 3))
+    else:
+        out = np.lib.format.open_memmap(part, "r+")
+
+    def save():
+        out.flush()
+        with open(progress + ".tmp", "w") as fh:
+            json.dump(state, fh)
+        os.replace(progress + ".tmp", progress)
+
+    # NOTE: (departure 27) official builds a source with num_workers_create_ds processes
+    # (configs/data/Mixture-U.yaml); here one process, shape by shape, so that the resume point is exact.
+    bar = tqdm(range(state["next"], len(keys)), initial=state["next"], total=len(keys),
+               desc=f"caching {what}", disable=len(keys) < 200)
+    try:
+        for i in bar:
+            try:
+                cloud = load_one(keys[i])
+                if cloud is None:                        # the source's own rule leaves it out (too few points)
+                    state["dropped"].append(i)
+                    state["next"] = i + 1
+                    continue
+                if cloud.shape != (num_points, 3):
+                    raise DataFileError(keys[i], f"gives {cloud.shape} points, expected ({num_points}, 3)")
+                out[state["count"]] = cloud
+                state["count"] += 1
+            except DataFileError as e:
+                if not skip_bad:
+                    raise DataFileError(e.path, f"{e.problem}. Replace or remove the file, or skip bad "
+                                                f"files with --skip-bad") from None
+                state["bad"].append([i, e.path, e.problem])
+            state["next"] = i + 1
+            if state["next"] % CACHE_PROGRESS_EVERY == 0:
+                save()
+    finally:
+        save()                                               # interrupted or not: a resume point
+        del out
+    if state["count"] == 0:
+        raise DataFileError(os.path.dirname(path) or ".", f"{what}: no readable shapes")
+    os.replace(part, path)
+    with open(done_meta + ".tmp", "w") as fh:
+        json.dump(dict(state, bytes=os.path.getsize(path)), fh)
+    os.replace(done_meta + ".tmp", done_meta)
+    os.remove(progress)
+    _report_bad([tuple(b[1:]) for b in state["bad"]], True, what)   # warnings + count (we got here: skip_bad)
+    if state["dropped"]:
+        print(f"[data] {what}: left out {len(state['dropped'])} shape(s) by the source's point-count rule", flush=True)
+    return np.load(path, mmap_mode="r")[: state["count"]], sorted([b[0] for b in state["bad"]] + state["dropped"])
+
+
+def build_mesh_source(name: str, root: str, num_points: int | None, skip_bad: bool, seed: int,
+                      cache_dir: str | None = None) -> PointCloudDataset:
+    """A folder (or zip) of meshes / Cap3D .ply clouds of source `name` (MESH_SOURCES), every file one
+    shape, no labels (the mixture is for pretraining), cached by stream_cache. num_points None: 16384."""
+    permute, exts = MESH_SOURCES[name]
+    if root is None or not os.path.exists(root):
+        raise DataFileError(root or "<none>", f"source {name} needs an existing folder (--data-root)")
+    n = num_points or PRE_SAMPLE_POINTS
+    archive = Archive(root)
+    names = [m for m in archive.names() if m.lower().endswith(exts)]
+    if not names:
+        raise DataFileError(root, f"no {'/'.join(exts)} files for source {name}")
+    cache_dir = _writable(cache_dir or default_cache_dir(root))
+    key = hashlib.sha1("\n".join(names).encode() + archive.fingerprint(names).encode()).hexdigest()[:10]
+    path = os.path.join(cache_dir, f"{name}_{n}pts_seed{seed}_{key}.npy")
+    # official ObjaverseV2Builder keeps the Cap3D clouds' axes (no permutation); the GLBs are y-up
+    axes = lambda m: None if name == "objaverse" and m.lower().endswith(".ply") else permute
+    points, bad = stream_cache(path, names, lambda m: mesh_points(archive.label(m), archive.read(m), n, seed, axes(m)),
+                               n, skip_bad, name)
+    skipped = set(bad)
+    files = [archive.label(m) for i, m in enumerate(names) if i not in skipped]
+    return PointCloudDataset(points, np.zeros(len(points), np.int64), [name], name, files)
+
+
+def build_omniobject3d(root: str, num_points: int | None, skip_bad: bool, sampling: str, seed: int,
+                       cache_dir: str | None = None) -> PointCloudDataset:
+    """OmniObject3D's point clouds (official OmniObject3DBuilder): `OmniObject3D.zip` (or its folder)
+    of HDF5 files `<class>_<n>.hdf5`, each a `data` array (K, 16384, 3); every row one shape, axes
+    `[2, 0, 1]`, label = the file name before its last '_'. Streamed into a cache like the meshes."""
+    if root is None or not os.path.exists(root):
+        raise DataFileError(root or "<none>", "source omniobject3d needs an existing OmniObject3D.zip or folder")
+    try:
+        import h5py
+    except ImportError:
+        raise SystemExit("reading OmniObject3D needs h5py: pip install h5py") from None
+    archive = Archive(root)
+    members = [m for m in archive.names() if m.lower().endswith((".h5", ".hdf5"))]
+    if not members:
+        raise DataFileError(root, "no .h5/.hdf5 files for source omniobject3d")
+    opened = {}                                       # the one file being read: rows are cached in order
+
+    def rows_of(member):
+        if member not in opened:
+            opened.clear()
+            try:
+                with h5py.File(io.BytesIO(archive.read(member)), "r") as f:
+                    opened[member] = np.asarray(f["data"][:], dtype=np.float32)
+            except (OSError, KeyError, ValueError) as e:
+                opened[member] = DataFileError(archive.label(member), f"not an HDF5 file with a 'data' array ({e})")
+        if isinstance(opened[member], DataFileError):
+            raise opened[member]
+        return opened[member]
+
+    keys = []
+    for m in members:                                 # counting rows reads only each file's header
+        try:
+            with h5py.File(io.BytesIO(archive.read(m)), "r") as f:
+                shape = f["data"].shape
+        except (OSError, KeyError, ValueError, DataFileError):
+            shape = (1,)                              # one key, reported bad when it is loaded
+        keys += [f"{m}#{i}" for i in range(shape[0])]
+    classes = sorted({m.split("/")[-1].rsplit("_", 1)[0] for m in members})
+
+    def load_one(key):
+        member, row = key.rsplit("#", 1)
+        data = rows_of(member)
+        if data.ndim != 3 or data.shape[2] != 3:
+            raise DataFileError(archive.label(member), f"'data' has shape {data.shape}, expected (K, N, 3)")
+        points = data[int(row)][:, Z_UP]              # official: data[index][:, [2, 0, 1]]
+        if not np.isfinite(points).all():
+            raise DataFileError(f"{archive.label(member)}[{row}]", "has non-finite coordinates")
+        return resample(points, n, sampling, item_rng(seed, key), f"{archive.label(member)}[{row}]")
+
+    n = num_points or PRE_SAMPLE_POINTS
+    cache_dir = _writable(cache_dir or default_cache_dir(root))
+    tag = hashlib.sha1("\n".join(keys).encode() + archive.fingerprint(members).encode()).hexdigest()[:10]
+    path = os.path.join(cache_dir, f"omniobject3d_{n}pts_{sampling}_seed{seed}_{tag}.npy")
+    points, bad = stream_cache(path, keys, load_one, n, skip_bad, "omniobject3d")
+    skipped = set(bad)
+    good = [k for i, k in enumerate(keys) if i not in skipped]
+    labels = [classes.index(k.rsplit("#", 1)[0].split("/")[-1].rsplit("_", 1)[0]) for k in good]
+    return PointCloudDataset(points, labels, classes, "omniobject3d", good)
+
+
+S3DIS_AREAS = ("Area_1", "Area_2", "Area_3", "Area_4", "Area_5", "Area_6")   # Mixture-U split_map: train
+
+
+def build_s3dis_objects(root: str | None, num_points: int | None, skip_bad: bool, seed: int,
+                        cache_dir: str | None = None, min_points: int = 2048) -> PointCloudDataset:
+    """S3DIS objects (official S3DISObjectsBuilder, Mixture-U: areas 1-6): every
+    `Stanford3dDataset_v1.2/Area_N/<room>/Annotations/<class>_<i>.txt` of the zip (or its folder) is one
+    object, its rows `x y z r g b`; xyz kept as stored (z-up, no permutation); objects with fewer than
+    `min_points` points (official min_num_points 2048) left out, the others subsampled without
+    replacement to num_points (default 2048: every kept object has that many)."""
+    if root is None or not os.path.exists(root):
+        raise DataFileError(root or "<none>", "source s3dis_objects needs Stanford3dDataset_v1.2.zip or its folder")
+    n = num_points or min_points
+    archive = Archive(root)
+    names = [m for m in archive.names() if m.endswith(".txt") and len(m.split("/")) >= 4
+             and m.split("/")[-2] == "Annotations" and m.split("/")[-4] in S3DIS_AREAS]
+    if not names:
+        raise DataFileError(root, "no Area_N/<room>/Annotations/*.txt files (S3DIS layout)")
+    classes = sorted({m.split("/")[-1].split("_")[0] for m in names})
+
+    def load_one(m):
+        label = archive.label(m)
+        try:
+            rows = np.loadtxt(io.StringIO(archive.read(m).decode("utf-8", "replace")), dtype=np.float32, ndmin=2)
+        except ValueError as e:
+            raise DataFileError(label, f"not rows of numbers ({e})") from None
+        if rows.shape[1] < 3 or not np.isfinite(rows[:, :3]).all():
+            raise DataFileError(label, f"expected finite x y z columns, got shape {rows.shape}")
+        if len(rows) < max(min_points, n):
+            return None
+        # NOTE: (departure 26) official draws this subset from the builder's one numpy generator; here per file
+        return rows[np.sort(item_rng(seed, m).choice(len(rows), n, replace=False)), :3]
+
+    cache_dir = _writable(cache_dir or default_cache_dir(root))
+    tag = hashlib.sha1("\n".join(names).encode() + archive.fingerprint(names).encode()).hexdigest()[:10]
+    path = os.path.join(cache_dir, f"s3dis_objects_{n}pts_min{min_points}_seed{seed}_{tag}.npy")
+    points, skipped = stream_cache(path, names, load_one, n, skip_bad, "s3dis_objects")
+    skipped = set(skipped)
+    files = [m for i, m in enumerate(names) if i not in skipped]
+    labels = [classes.index(m.split("/")[-1].split("_")[0]) for m in files]
+    return PointCloudDataset(points, labels, classes, "s3dis_objects", files)
+
+
+def objaverse_lvis_split(annotations: dict, available, shot: int, fold: int):
+    """The Objaverse-LVIS few-shot split of official ObjaverseV2Builder (lvis_annotations, lvis_few_shot
+    = shot, lvis_few_shot_seed = fold): categories in the annotations' order, objects missing here
+    left out, categories with fewer than `shot` objects dropped; one random.Random(fold) shuffles each
+    category's list in turn; its first `shot` objects train, the rest test.
+    annotations {category: [uid, ...]}, available: set of uids -> (train [(uid, label)], test, classes)"""
+    kept = {}
+    for category, uids in annotations.items():
+        present = [u for u in uids if u in available]
+        if len(present) >= shot:
+            kept[category] = present
+    rng = random.Random(fold)
+    train, test = [], []
+    for label, uids in enumerate(kept.values()):
+        order = list(uids)
+        rng.shuffle(order)
+        train += [(u, label) for u in order[:shot]]
+        test += [(u, label) for u in order[shot:]]
+    return train, test, list(kept)
+
+
+def build_objaverse_lvis(root: str | None, split: str = "train", num_points: int | None = None, shot: int = 10,
+                         fold: int = 0, skip_bad: bool = False, seed: int = 0, cache_dir: str | None = None,
+                         annotations: str | None = None) -> PointCloudDataset:
+    """Objaverse-LVIS few-shot (official configs/data/ObjaVerse_LVIS-S.yaml): the objaverse source of
+    `root` (file stem = uid), labelled by the LVIS annotations (`<root>/lvis-annotations.json[.gz]`, as
+    objaverse.load_lvis_annotations() stores them), split by objaverse_lvis_split. 1024 points by default."""
+    import gzip
+    if root is None or not os.path.exists(root):
+        raise DataFileError(root or "<none>", "objaverse_lvis needs --data-root: a folder of Objaverse .glb / Cap3D .ply files")
+    if annotations is None:
+        found = [os.path.join(root, f) for f in ("lvis-annotations.json", "lvis-annotations.json.gz")]
+        annotations = next((f for f in found if os.path.exists(f)), found[0])
+    try:
+        opener = gzip.open if annotations.endswith(".gz") else open
+        with opener(annotations, "rt") as fh:
+            lvis = json.load(fh)
+        assert isinstance(lvis, dict) and all(isinstance(v, list) for v in lvis.values())
+    except (OSError, ValueError, AssertionError) as e:
+        raise DataFileError(annotations, f"not a readable LVIS annotations file {{category: [uid, ...]}} "
+                                         f"({type(e).__name__}); get it with objaverse.load_lvis_annotations()") from None
+    shapes = build_mesh_source("objaverse", root, num_points or 1024, skip_bad, seed, cache_dir)
+    row = {os.path.splitext(os.path.basename(f))[0]: i for i, f in enumerate(shapes.files)}
+    train, test, classes = objaverse_lvis_split(lvis, row, shot, fold)
+    items = train if split == "train" else test
+    if not items:
+        raise DataFileError(root, f"no LVIS category has {shot} objects in this folder")
+    rows = [row[u] for u, _ in items]
+    return PointCloudDataset(np.asarray(shapes.points[rows]), [y for _, y in items], classes,
+                             "objaverse_lvis", [shapes.files[r] for r in rows])
+
+
+class MixtureDataset(torch.utils.data.Dataset):
+    """Plain concatenation of sources (official Mixture-U: no weighting). item -> (points, source index).
+    Each source keeps its own storage (memmap for cached sources), so nothing here copies shapes."""
+
+    def __init__(self, sources: list[tuple[str, str, torch.utils.data.Dataset]]):
+        self.sources = sources
+        self.offsets = np.cumsum([0] + [len(ds) for _, _, ds in sources])   # (K+1,)
+        self.classes, self.name = [s for s, _, _ in sources], "mixture"
+        self.files = _MixtureFiles(self)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def locate(self, i: int) -> tuple[int, int]:
+        k = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return k, i - int(self.offsets[k])
+
+    def __getitem__(self, i: int):
+        k, j = self.locate(i)
+        points, _ = self.sources[k][2][j]
+        return points, k
+
+    def table(self) -> str:
+        rows = [("source", "root", "shapes", "share")]
+        rows += [(s, r, f"{len(ds):,}", f"{100 * len(ds) / max(len(self), 1):.1f}%") for s, r, ds in self.sources]
+        rows.append(("total", "", f"{len(self):,}", "100.0%"))
+        w = [max(len(r[c]) for r in rows) for c in range(4)]
+        return "\n".join("  ".join(r[c].ljust(w[c]) for c in range(4)) for r in rows)
+
+
+class _MixtureFiles:
+    """mixture.files[i] -> '<source>: <file or index>', without building one list of all names."""
+
+    def __init__(self, mix: MixtureDataset):
+        self.mix = mix
+
+    def __len__(self):
+        return len(self.mix)
+
+    def __getitem__(self, i):
+        k, j = self.mix.locate(i)
+        name, _, ds = self.mix.sources[k]
+        files = getattr(ds, "files", None)
+        return f"{name}: {files[j] if files is not None and j < len(files) else f'{name}[{j}]'}"
+
+
+def parse_sources(name: str, root: str | None) -> list[tuple[str, str | None]]:
+    """(source, root or None) pairs from 'a+b+c' with 'r1,r2,r3', or from 'mixture' with a list file."""
+    if name == "mixture":
+        if not root or not os.path.isfile(root):
+            raise DataFileError(root or "<none>", "--data mixture needs --data-root FILE with one 'name path' line per source")
+        pairs = []
+        with open(root) as fh:
+            for n, line in enumerate(fh, 1):
+                line = line.split("#", 1)[0].strip()
+                if not line:
+                    continue
+                parts = line.split(None, 1)
+                if len(parts) != 2:
+                    raise DataFileError(f"{root}:{n}", f"expected 'name path', got {line!r}")
+                pairs.append((parts[0], parts[1].strip()))
+    else:
+        names = name.split("+")
+        roots = root.split(",") if root else ["-"] * len(names)
+        if len(roots) != len(names):
+            raise DataFileError(root, f"{len(names)} sources ({name}) but {len(roots)} comma-separated roots")
+        pairs = list(zip(names, roots))
+    if not pairs:
+        raise DataFileError(root or name, "no sources")
+    return [(s, None if r in ("-", "") else r) for s, r in pairs]
+
+
+def build_mixture(name: str, root: str | None, split: str = "train", num_points: int | None = None,
+                  download: bool = False, skip_bad: bool = False, sampling: str = "fps", seed: int = 0,
+                  workers: int | None = None) -> MixtureDataset:
+    """The sources of `name`/`root` (parse_sources), each built as alone, concatenated; prints the table."""
+    pairs = parse_sources(name, root)
+    known = set(DATASETS) | set(MESH_SOURCES) | {"omniobject3d", "s3dis_objects"}
+    for s, r in pairs:                       # everything checked before any source is read
+        if s not in known:
+            raise DataFileError(root or name, f"unknown source {s!r}; choose from {sorted(known)}")
+        if r is not None and not os.path.exists(r):
+            raise DataFileError(r, f"root of source {s} does not exist")
+        if r is None and (s in MESH_SOURCES or s in ("omniobject3d", "s3dis_objects")):
+            raise DataFileError(name, f"source {s} needs a root folder")
+    sources = []
+    for s, r in pairs:
+        if s in MESH_SOURCES:
+            ds = build_mesh_source(s, r, num_points, skip_bad, seed)
+        elif s == "omniobject3d":
+            ds = build_omniobject3d(r, num_points, skip_bad, sampling, seed)
+        elif s == "s3dis_objects":
+            ds = build_s3dis_objects(r, num_points, skip_bad, seed)
+        else:
+            ds = build_dataset(s, r, split, num_points, download, skip_bad, sampling, seed, workers=workers)
+        sources.append((s, r or "(default)", ds))
+    # NOTE: (departure 25) official keeps each source's stored count (ScanObjectNN 2048, meshes 16384) and
+    # subsamples / pads per batch (data_module_zarr.py: UniformSampleArrays, pad_to_length); batches here
+    # stack one size, so a mixture of different sizes asks for source_points.
+    sizes = {s: tuple(ds[0][0].shape) for s, _, ds in sources}
+    if len(set(sizes.values())) > 1:
+        raise DataFileError(root or name, f"sources give clouds of different sizes {sizes}: pass num_points "
+                                          "(CLI: --set source_points=N) so that they can share a batch")
+    mix = MixtureDataset(sources)
+    print(mix.table(), flush=True)
+    return mix

@@ -66,6 +66,7 @@ BENCHMARKS = {
     "scanobjectnn_objonly": dict(points=2048, patches=128, protocol="scanobjectnn"),
     "scanobjectnn_pbt50rs": dict(points=2048, patches=128, protocol="scanobjectnn"),
     "shapes": dict(points=1024, patches=64, protocol="modelnet40"),  # procedural, for smoke runs
+    "objaverse_lvis": dict(points=1024, patches=64, protocol="objaverse_lvis"),   # configs/data/ObjaVerse_LVIS-S.yaml
 }
 
 # Fine-tuning recipes (official configs/classification/variants/ and their optim/ files; augmentation
@@ -85,6 +86,12 @@ PROTOCOLS = {
     # over all tokens, CLS included (map_cls_token false).
     "fewshot": dict(epochs=150, frozen_epochs=0, warmup_epochs=10, lr=1e-3, warmup_start=1e-7, final_lr=1e-6,
                     rotate=False, scale=(0.6, 1.4), soft_init_head=False, cls_feature=False),
+    # classification/variants/objaverse_lvis.yaml: encoder frozen throughout, a LINEAR head on
+    # [CLS, mean, max], AdamW cosine 5e-5 -> 1e-7 after 10 warm-up epochs from 0, top-1/3/5;
+    # configs/data/ObjaVerse_LVIS-S.yaml: batch 128, z-rotation only.
+    "objaverse_lvis": dict(epochs=150, frozen_epochs=0, warmup_epochs=10, lr=5e-5, warmup_start=0.0, final_lr=1e-7,
+                           rotate=True, scale=(1.0, 1.0), soft_init_head=False, cls_feature=True,
+                           freeze_encoder=True, linear_head=True, batch_size=128, top_k=(1, 3, 5)),
 }
 PROTOCOLS.update({
     # finetune_ModelNet40_8k.yaml: the two-stage lr of optim/classification_optim_finetune_two_stage.yaml
@@ -481,6 +488,22 @@ def evaluate_accuracy(model: Classifier, dataset, num_patches: int, patch_size: 
     return float((logits.argmax(1) == labels).float().mean())
 
 
+@torch.no_grad()
+def topk_accuracy(model: Classifier, dataset, num_patches: int, patch_size: int, ks=(1, 3, 5), batch_size: int = 64,
+                  device: str | torch.device = "cpu") -> dict:
+    """{k: share of test shapes whose label is among the k highest logits} (official top_k_metrics)."""
+    device = torch.device(device)
+    model.eval()
+    hits = dict.fromkeys(ks, 0)
+    for points, y in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
+        centers, patches = eval_patches(points.to(device), num_patches, patch_size)
+        logits = model(patches, centers).float().cpu()
+        top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices          # (B, k)
+        for k in ks:
+            hits[k] += int((top[:, :k] == torch.as_tensor(y)[:, None]).any(1).sum())
+    return {k: hits[k] / len(dataset) for k in ks}
+
+
 def finetune(model: Classifier, train_set, test_set, protocol: dict, epochs: int, num_patches: int,
              patch_size: int, batch_size: int = BATCH_SIZE, device: str | torch.device = "cpu", seed: int = 0,
              desc: str = "finetune") -> list[dict]:
@@ -507,7 +530,7 @@ def finetune(model: Classifier, train_set, test_set, protocol: dict, epochs: int
     history, step = [], 0
     bar = tqdm(range(epochs), desc=desc, dynamic_ncols=True)
     for epoch in bar:
-        frozen = freeze if isinstance(freeze, bool) else epoch < frozen_epochs
+        frozen = (freeze if isinstance(freeze, bool) else epoch < frozen_epochs) or protocol.get("freeze_encoder", False)
         model.train()
         model.encoder.requires_grad_(not frozen)
         if frozen:   # Lightning's freeze() (official NeuralClassifier.on_train_epoch_start): eval mode, no drop path
@@ -907,6 +930,34 @@ def cmd_fewshot(args):
                     patches=patches, patch_size=k, encoder=info["kind"], sizes=info["sizes"], seed=args.seed)
     report(args, "fewshot", source, settings, results, rows)
     return results
+
+
+def cmd_objaverse_lvis(args):
+    """Objaverse-LVIS few-shot (official shell_scripts/py/Objaverse_fewshot_evals.py: 10 shots, folds 0-9)."""
+    protocol = PROTOCOLS["objaverse_lvis"]
+    epochs = args.epochs or protocol["epochs"]
+    _, info, source = build_encoder(args)
+    args.data = "objaverse_lvis"
+    points, patches, k = patch_settings(args, args.data)
+    folds, rows = [], []
+    for fold in args.folds:
+        train = load_split(args, "train", points, shot=args.shot, fold=fold)
+        test = load_split(args, "test", points, shot=args.shot, fold=fold)
+        model = Classifier(build_encoder(args)[0], len(train.classes), protocol["cls_feature"], 0.0,
+                           protocol["soft_init_head"], head="linear")
+        history = finetune(model, train, test, protocol, epochs, patches, k, args.batch_size, args.device,
+                           args.seed, desc=f"objaverse-lvis {args.shot}-shot fold {fold}")
+        top = topk_accuracy(model, test, patches, k, protocol["top_k"], 2 * args.batch_size, args.device)
+        folds.append(dict(fold=fold, classes=len(train.classes), train=len(train), test=len(test),
+                          **{f"last_top{n}": v for n, v in top.items()}, **summarize(history)))
+        rows.append((f"fold {fold}", "   ".join(f"top-{n} {100 * v:.2f}" for n, v in top.items())))
+    metrics = {f"last_top{n}_mean": float(np.mean([f[f"last_top{n}"] for f in folds])) for n in protocol["top_k"]}
+    rows.append((f"mean of {len(folds)} folds", "   ".join(f"top-{n} {100 * metrics[f'last_top{n}_mean']:.2f}"
+                                                           for n in protocol["top_k"])))
+    settings = dict(dataset=args.data, data_root=args.data_root, shot=args.shot, epochs=epochs, folds=args.folds,
+                    points=points, patches=patches, patch_size=k, encoder=info["kind"], sizes=info["sizes"], seed=args.seed)
+    report(args, "objaverse_lvis", source, settings, dict(metrics, folds=folds), rows)
+    return metrics
 
 
 def cmd_export(args):
@@ -1438,6 +1489,12 @@ def main(argv=None):
     s.add_argument("--data", default="shapenetpart", choices=["shapenetpart"], help="(default: %(default)s)")
     s.add_argument("--out", default="partseg", help="folder for the trained models (default: %(default)s)")
     s.set_defaults(func=cmd_partseg)
+    s = sub.add_parser("objaverse_lvis", help="Objaverse-LVIS few-shot: frozen encoder, linear head, top-1/3/5", **fmt)
+    s.add_argument("--shot", type=int, default=10, help="(default: %(default)s)")
+    s.add_argument("--folds", type=int, nargs="+", default=list(range(10)), help="(default: 0 .. 9)")
+    s.add_argument("--epochs", type=int, help="default 150; the warm-up scales with it")
+    s.add_argument("--batch-size", type=int, default=PROTOCOLS["objaverse_lvis"]["batch_size"], help="(default: %(default)s)")
+    s.set_defaults(func=cmd_objaverse_lvis)
     s = sub.add_parser("export", help="write the encoder alone for use in another project", parents=[common])
     s.add_argument("--out", required=True, help="output .pt: {'config': PointEncoder kwargs, 'state_dict': ...}")
     s.set_defaults(func=cmd_export)

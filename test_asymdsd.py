@@ -11,8 +11,10 @@ import importlib.util
 import io
 import json
 import math
+import multiprocessing
 import os
 import pickle
+import random
 import re
 import socket
 import subprocess
@@ -1913,6 +1915,183 @@ def test_seed_worker_gives_distinct_streams():
     assert [n for _, n in seeded[0]] != [n for _, n in seeded[1]]
 
 
+# -- mixture: several sources, the trimesh mesh path, the streamed cache -----------------------
+
+def write_mesh_sources(root: Path, n=3):
+    """Synthetic trees: meshes/ (OBJ, OFF), objaverse/ (GLB meshes + one Cap3D-style .ply cloud).
+    Every shape is an axis-aligned box of extents (1, 2, 3), so axis conventions can be read off."""
+    trimesh = pytest.importorskip("trimesh")
+    box = trimesh.creation.box(extents=(1, 2, 3))
+    (root / "meshes" / "sub").mkdir(parents=True)
+    (root / "objaverse" / "000-001").mkdir(parents=True)
+    for i in range(n):
+        (root / "meshes" / "sub" / f"m{i}.obj").write_text(box.export(file_type="obj"))
+        (root / "meshes" / f"m{i}.off").write_text(box.export(file_type="off"))
+        (root / "objaverse" / "000-001" / f"uid{i}.glb").write_bytes(box.export(file_type="glb"))
+    cloud = trimesh.PointCloud(np.random.default_rng(0).uniform(-0.5, 0.5, (3000, 3)) * (1, 2, 3))
+    (root / "objaverse" / "cap3d.ply").write_bytes(cloud.export(file_type="ply"))
+    return root / "meshes", root / "objaverse"
+
+
+def test_mixture_table_axes_and_source_labels(tmp_path, capsys):
+    meshes, objav = write_mesh_sources(tmp_path)
+    mn = write_modelnet_folder(tmp_path / "mn")
+    mix = data.build_dataset("modelnet40+meshes+objaverse", f"{mn},{meshes},{objav}", num_points=256)
+    table = capsys.readouterr().out
+    assert len(mix) == 16 + 6 + 4
+    for row in ("modelnet40", "meshes", "objaverse", "total"):
+        assert row in table
+    assert "61.5%" in table and "23.1%" in table and "15.4%" in table     # 16, 6, 4 of 26
+    labels = [mix[i][1] for i in range(len(mix))]
+    assert labels == [0] * 16 + [1] * 6 + [2] * 4
+    ext = lambda p: (p.max(0).values - p.min(0).values).numpy()
+    assert ext(mix[16][0]) == pytest.approx([1, 2, 3], abs=0.05)           # meshes: axes as stored
+    for i in (22, 23, 24):                                                   # objaverse GLB: [2, 0, 1] (z-up)
+        assert ext(mix[i][0]) == pytest.approx([3, 1, 2], abs=0.1), mix.files[i]
+    assert ext(mix[25][0]) == pytest.approx([1, 2, 3], abs=0.1)              # Cap3D .ply: as stored (V2 builder)
+    assert mix[0][0].shape == (256, 3) and "cap3d.ply" in mix.files[25]
+    # the list-file form gives the same mixture; a missing root is named before any work
+    lst = tmp_path / "sources.txt"
+    lst.write_text(f"# name path\nmodelnet40 {mn}\nmeshes {meshes}\nobjaverse {objav}\n")
+    again = data.build_dataset("mixture", str(lst), num_points=256)
+    assert len(again) == len(mix) and torch.equal(again[20][0], mix[20][0])
+    lst.write_text(f"meshes {meshes}\nobjaverse {tmp_path / 'nowhere'}\n")
+    with pytest.raises(data.DataFileError, match="nowhere.*root of source objaverse does not exist"):
+        data.build_dataset("mixture", str(lst), num_points=128)                # 128: no cache of meshes yet
+    assert not list((tmp_path / "meshes_cache").glob("*128pts*"))
+    with pytest.raises(data.DataFileError, match="2 sources .* 1 comma-separated"):
+        data.build_dataset("meshes+objaverse", str(meshes), num_points=128)
+    with pytest.raises(data.DataFileError, match="different sizes"):           # 300 stored vs 16384 sampled
+        data.build_dataset("modelnet40+meshes", f"{mn},{meshes}")
+
+
+def test_mixture_broken_mesh_named_or_skipped_and_counted(tmp_path, capsys):
+    meshes, _ = write_mesh_sources(tmp_path)
+    (meshes / "broken.glb").write_bytes(b"glTF not really")
+    with pytest.raises(data.DataFileError, match="broken.glb.*not a readable GLB.*--skip-bad"):
+        data.build_dataset("meshes", str(meshes), num_points=64)
+    with pytest.warns(UserWarning, match="broken.glb"):
+        ds = data.build_dataset("meshes", str(meshes), num_points=64, skip_bad=True)
+    assert len(ds) == 6 and "meshes: skipped 1 bad file" in capsys.readouterr().out
+
+
+def test_omniobject3d_reader_rows_axes_labels_and_bad_file(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    folder = tmp_path / "OmniObject3D"
+    folder.mkdir()
+    box = (np.random.default_rng(0).uniform(-0.5, 0.5, (2, 512, 3)) * (1, 2, 3)).astype(np.float32)
+    for name, rows in (("apple_0.hdf5", box), ("toy_car_1.hdf5", box[:1])):
+        with h5py.File(folder / name, "w") as f:
+            f["data"] = rows
+    zip_tree(folder, tmp_path / "OmniObject3D.zip")
+    ds = data.build_dataset("omniobject3d", str(tmp_path / "OmniObject3D.zip"), num_points=512)
+    assert len(ds) == 3 and ds.classes == ["apple", "toy_car"] and ds.labels.tolist() == [0, 0, 1]
+    p = ds[1][0].numpy()                                       # official: data[index][:, [2, 0, 1]]
+    assert np.array_equal(p, box[1][:, [2, 0, 1]])
+    assert data.build_dataset("omniobject3d", str(folder), num_points=256)[0][0].shape == (256, 3)
+    (folder / "broken_2.hdf5").write_bytes(b"not hdf5")
+    with pytest.raises(data.DataFileError, match="broken_2.hdf5.*not an HDF5 file"):
+        data.build_dataset("omniobject3d", str(folder), num_points=256)
+
+
+def test_s3dis_objects_reader_drops_small_objects_and_names_bad_files(tmp_path):
+    base = tmp_path / "Stanford3dDataset_v1.2"
+    rng = np.random.default_rng(0)
+    for area, obj, n in (("Area_1", "chair_1", 3000), ("Area_1", "table_2", 1000), ("Area_6", "sofa_1", 2500),
+                         ("Area_7", "chair_9", 3000)):                         # Area_7 is not an S3DIS area
+        d = base / area / "office_1" / "Annotations"
+        d.mkdir(parents=True, exist_ok=True)
+        rows = np.hstack([rng.uniform(0, 1, (n, 3)), rng.integers(0, 255, (n, 3))])
+        np.savetxt(d / f"{obj}.txt", rows, fmt="%.6f")
+    (base / "Area_1" / "office_1" / "office_1.txt").write_text("1 2 3 4 5 6\n")   # the room, not an object
+    zip_tree(base, tmp_path / "s3dis.zip")
+    ds = data.build_dataset("s3dis_objects", str(tmp_path / "s3dis.zip"))
+    assert len(ds) == 2 and ds.points.shape[1:] == (2048, 3)               # table_2 (1000 < 2048) left out
+    assert [f.split("/")[-1] for f in ds.files] == ["chair_1.txt", "sofa_1.txt"]
+    src = np.loadtxt(base / "Area_1" / "office_1" / "Annotations" / "chair_1.txt")[:, :3]
+    assert np.isin(ds.points[0][:, 0], src[:, 0].astype(np.float32)).all()   # xyz as stored, a subset
+    (base / "Area_1" / "office_1" / "Annotations" / "door_1.txt").write_text("1 2 x\n")
+    with pytest.raises(data.DataFileError, match="door_1.txt: not rows of numbers"):
+        data.build_dataset("s3dis_objects", str(base))
+
+
+def _clouds(n_points):
+    return lambda key: np.full((n_points, 3), float(key), np.float32)
+
+
+def test_stream_cache_resumes_where_it_stopped(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "CACHE_PROGRESS_EVERY", 4)
+    keys, calls = [str(i) for i in range(10)], []
+
+    def flaky(key):
+        calls.append(key)
+        if key == "7" and len(calls) == 8:
+            raise KeyboardInterrupt                       # Ctrl-C while shape 7 is being sampled
+        return _clouds(8)(key)
+
+    with pytest.raises(KeyboardInterrupt):
+        data.stream_cache(str(tmp_path / "c.npy"), keys, flaky, 8, False, "toy")
+    assert json.load(open(tmp_path / "c.npy.progress.json"))["next"] == 7
+    calls.clear()
+    out, bad = data.stream_cache(str(tmp_path / "c.npy"), keys, flaky, 8, False, "toy")
+    assert calls == ["7", "8", "9"]                       # only what was left
+    assert bad == [] and isinstance(out, np.memmap) and out[:, 0, 0].tolist() == list(range(10))
+    calls.clear()
+    assert data.stream_cache(str(tmp_path / "c.npy"), keys, flaky, 8, False, "toy")[0].shape == (10, 8, 3)
+    assert calls == [] and not (tmp_path / "c.npy.progress.json").exists()
+
+
+def test_stream_cache_memory_stays_flat_as_shapes_grow_tenfold(tmp_path):
+    import tracemalloc
+    peaks = {}
+    for n in (50, 500):
+        keys = [str(i) for i in range(n)]
+        tracemalloc.start()
+        out, _ = data.stream_cache(str(tmp_path / f"c{n}.npy"), keys, _clouds(1024), 1024, False, "toy")
+        ds = data.MixtureDataset([("toy", "-", data.PointCloudDataset(out, np.zeros(n), ["toy"], "toy"))])
+        assert ds[n - 1][0][0, 0] == n - 1
+        peaks[n] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    total = 500 * 1024 * 3 * 4                                # 6 MB of points in the bigger cache
+    assert peaks[500] < total / 10, peaks
+    assert peaks[500] < 1.5 * peaks[50] + 64_000, peaks       # flat: not ten times more
+
+
+def _build_toy_cache(path, queue):
+    calls = []
+
+    def load(k):
+        calls.append(k)
+        return np.full((64, 3), float(k), np.float32)
+
+    out, _ = data.stream_cache(path, [str(i) for i in range(300)], load, 64, False, "toy")
+    queue.put((len(calls), float(out[:, 0, 0].sum())))
+
+
+def test_stream_cache_two_processes_build_it_once(tmp_path):
+    """torchrun ranks ask for the same cache at once: one builds it, the other waits and reads it."""
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_build_toy_cache, args=(str(tmp_path / "c.npy"), queue)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    outs = sorted(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(30)
+    assert all(p.exitcode == 0 for p in procs)
+    assert outs == [(0, float(sum(range(300)))), (300, float(sum(range(300))))]
+
+
+def test_pretraining_on_a_three_source_mixture(tmp_path):
+    meshes, objav = write_mesh_sources(tmp_path)
+    mn = write_modelnet_folder(tmp_path / "mn")
+    args = cli(f"{mn},{meshes},{objav}", tmp_path / "run", "--max-steps", "3", source_points=256)
+    args[args.index("modelnet40")] = "modelnet40+meshes+objaverse"
+    A.main(args)
+    log = read_log(tmp_path / "run")
+    assert [r["step"] for r in log] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in log)
+
+
 # ==============================================================================================
 # evaluate.py: features, SVM/kNN, fine-tuning, checkpoints, few-shot
 # ==============================================================================================
@@ -2706,6 +2885,55 @@ def test_eval_every_logs_the_teacher_evaluation_and_leaves_training_unchanged(tm
     with pytest.raises(SystemExit, match="--eval-data scanobjectnn_objbg"):
         A.main(cli(root, tmp_path / "bad", "--eval-every", "1", "--eval-data", "scanobjectnn_objbg",
                    eval_data_root=str(tmp_path / "nowhere")))
+
+
+def test_objaverse_lvis_split_follows_the_official_rule():
+    lvis = {"mug": [f"m{i}" for i in range(13)], "rare": ["r0", "r1"], "car": [f"c{i}" for i in range(12)]}
+    available = set(lvis["mug"]) | set(lvis["rare"]) | {f"c{i}" for i in range(11)}     # c11 not downloaded
+    train, test, classes = data.objaverse_lvis_split(lvis, available, shot=10, fold=3)
+    assert classes == ["mug", "car"]                          # 'rare' has fewer than 10 objects: dropped
+    rng = random.Random(3)                                   # official: one Random(seed), a shuffle per category in turn
+    mug, car = list(lvis["mug"]), [f"c{i}" for i in range(11)]
+    rng.shuffle(mug)
+    rng.shuffle(car)
+    assert train == [(u, 0) for u in mug[:10]] + [(u, 1) for u in car[:10]]
+    assert test == [(u, 0) for u in mug[10:]] + [(u, 1) for u in car[10:]]
+    assert data.objaverse_lvis_split(lvis, available, 10, 4)[0] != train
+
+
+def test_objaverse_lvis_protocol_keeps_the_encoder_frozen_and_head_linear():
+    train = data.build_shapes("train", num_points=128, num_shapes=8)
+    model = evaluate.Classifier(tiny_encoder(), 8, True, 0.0, head="linear")
+    assert isinstance(model.head, torch.nn.Linear)
+    before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    head = model.head.weight.clone()
+    evaluate.finetune(model, train, train, evaluate.PROTOCOLS["objaverse_lvis"], 2, 8, 8, batch_size=4)
+    assert all(torch.equal(before[k], v) for k, v in model.encoder.state_dict().items())
+    assert not torch.equal(head, model.head.weight)
+
+
+def test_objaverse_lvis_command_top_k(tmp_path):
+    trimesh = pytest.importorskip("trimesh")
+    root = tmp_path / "objaverse" / "000-000"
+    root.mkdir(parents=True)
+    shapes = {"box": trimesh.creation.box(extents=(1, 2, 3)), "ball": trimesh.creation.icosphere(subdivisions=2)}
+    lvis = {c: [f"{c}{i}" for i in range(11)] for c in shapes}
+    for c, mesh in shapes.items():
+        for u in lvis[c]:
+            (root / f"{u}.glb").write_bytes(mesh.export(file_type="glb"))
+    (tmp_path / "objaverse" / "lvis-annotations.json").write_text(json.dumps(lvis))
+    out = evaluate.main(["objaverse_lvis", "--random-init", "--preset", "tiny", "--data-root", str(tmp_path / "objaverse"),
+                         "--folds", "0", "--epochs", "1", "--num-points", "128", "--patches", "8", "--patch-size", "8",
+                         "--batch-size", "4", "--results", str(tmp_path / "r.jsonl")])
+    assert set(out) == {"last_top1_mean", "last_top3_mean", "last_top5_mean"}
+    assert out["last_top3_mean"] == out["last_top5_mean"] == 1.0       # 2 classes: always in the top 3
+    rec = json.loads((tmp_path / "r.jsonl").read_text().splitlines()[-1])
+    f = rec["metrics"]["folds"][0]
+    assert (f["classes"], f["train"], f["test"]) == (2, 20, 2) and rec["command"] == "objaverse_lvis"
+    (tmp_path / "objaverse" / "lvis-annotations.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="lvis-annotations.json: not a readable LVIS"):
+        evaluate.main(["objaverse_lvis", "--random-init", "--preset", "tiny", "--data-root", str(tmp_path / "objaverse"),
+                       "--folds", "0", "--epochs", "1"])
 
 
 # ==============================================================================================
