@@ -1462,7 +1462,7 @@ def pretrain(cfg: Config, resume: dict | None = None) -> str:
                 if save_now:
                     checkpoint()
                 if evaluator and step % (cfg.eval_every * steps_per_epoch) == 0:
-                    # NOTE: (departure 21) official: SVM + kNN every 5 epochs on ModelNet40 and ScanObjectNN,
+                    # NOTE: (departure 19) official: SVM + kNN every 5 epochs on ModelNet40 and ScanObjectNN,
                     # linear probes at fixed epochs, always on; here every --eval-every N epochs, one benchmark.
                     ev = {"step": step, "epoch": step // steps_per_epoch, **evaluator(model.teacher["encoder"])}
                     log.write(json.dumps(ev) + "\n")

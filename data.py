@@ -1271,7 +1271,7 @@ def mesh_points(path: str, data: bytes, n: int, seed: int, permute=None) -> np.n
         points = np.concatenate(clouds).astype(np.float32)
         if len(points) < n:
             raise DataFileError(path, f"has {len(points)} points, fewer than the {n} asked for")
-        # NOTE: (departure 26) official ObjaverseBuilder downloads the GLBs itself, draws this subset from
+        # NOTE: (departure 22) official ObjaverseBuilder downloads the GLBs itself, draws this subset from
         # numpy's global stream, and drops clouds with fewer than min_num_points unique points; here a
         # local folder, a subset seeded per file, and only clouds with fewer than n points are refused.
         points = points[rng.choice(len(points), n, replace=False)]
@@ -1303,7 +1303,7 @@ def stream_cache_unlocked(path: str, keys: list[str], load_one, num_points: int,
     on any interruption) `<path>.progress.json` records how far it got; a new call continues from
     there. `<path>.json` is written last and marks the cache complete; it also lists the bad files.
     Bad files raise DataFileError (naming the file), or with skip_bad are skipped and counted."""
-    # NOTE: (departure 24) official writes one zarr store per source (asymdsd/data/data_module_zarr.py,
+    # NOTE: (departure 20) official writes one zarr store per source (asymdsd/data/data_module_zarr.py,
     # dataset_path: data/<Source>.zarr) and starts over when interrupted; here one .npy per source that
     # numpy memory-maps without another package, resumed from its last progress record.
     part, progress, done_meta = path + ".part.npy", path + ".progress.json", path + ".json"
@@ -1331,7 +1331,7 @@ def stream_cache_unlocked(path: str, keys: list[str], load_one, num_points: int,
             json.dump(state, fh)
         os.replace(progress + ".tmp", progress)
 
-    # NOTE: (departure 27) official builds a source with num_workers_create_ds processes
+    # NOTE: (departure 23) official builds a source with num_workers_create_ds processes
     # (configs/data/Mixture-U.yaml); here one process, shape by shape, so that the resume point is exact.
     bar = tqdm(range(state["next"], len(keys)), initial=state["next"], total=len(keys),
                desc=f"caching {what}", disable=len(keys) < 200)
@@ -1485,7 +1485,7 @@ def build_s3dis_objects(root: str | None, num_points: int | None, skip_bad: bool
             raise DataFileError(label, f"expected finite x y z columns, got shape {rows.shape}")
         if len(rows) < max(min_points, n):
             return None
-        # NOTE: (departure 26) official draws this subset from the builder's one numpy generator; here per file
+        # NOTE: (departure 22) official draws this subset from the builder's one numpy generator; here per file
         return rows[np.sort(item_rng(seed, m).choice(len(rows), n, replace=False)), :3]
 
     cache_dir = _writable(cache_dir or default_cache_dir(root))
@@ -1646,7 +1646,7 @@ def build_mixture(name: str, root: str | None, split: str = "train", num_points:
         else:
             ds = build_dataset(s, r, split, num_points, download, skip_bad, sampling, seed, workers=workers)
         sources.append((s, r or "(default)", ds))
-    # NOTE: (departure 25) official keeps each source's stored count (ScanObjectNN 2048, meshes 16384) and
+    # NOTE: (departure 21) official keeps each source's stored count (ScanObjectNN 2048, meshes 16384) and
     # subsamples / pads per batch (data_module_zarr.py: UniformSampleArrays, pad_to_length); batches here
     # stack one size, so a mixture of different sizes asks for source_points.
     sizes = {s: tuple(ds[0][0].shape) for s, _, ds in sources}

@@ -101,7 +101,7 @@ PROTOCOLS.update({
                           warmup_start=0.0, final_lr=1e-7, rotate=False, scale=(0.6, 1.4), soft_init_head=False,
                           cls_feature=True, freeze_encoder=False),
 })
-# NOTE: (departure 20) the official repository has no 8k data config (the variant sets the recipe only);
+# NOTE: (departure 18) the official repository has no 8k data config (the variant sets the recipe only);
 # 8192 points in 512 patches of 32 are the ModelNet40 8k input of Point-MAE (cfgs/finetune_modelnet_8k.yaml:
 # npoints, num_group, group_size).
 MODELNET40_8K = dict(points=8192, patches=512)
@@ -1442,7 +1442,7 @@ def main(argv=None):
     trained.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="(default: %(default)s)")
     trained.add_argument("--drop-path", type=float, default=DROP_PATH, help="last block's drop path rate, rising "
                                                                         "linearly from 0 (default: %(default)s)")
-    # NOTE: (departure 19) the official configs leave voting empty (classification_model.yaml: voting,
+    # NOTE: (departure 17) the official configs leave voting empty (classification_model.yaml: voting,
     # voting_augmentations); 10 votes (Point-BERT's and Point-MAE's test_vote count) with the recipe's
     # training augmentation, reported beside the single pass.
     trained.add_argument("--votes", type=int, default=10, help="test-time votes of the final model: the clean "

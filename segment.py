@@ -204,7 +204,7 @@ class PartMIoU:
         return (iou * allowed).sum(1) / allowed.sum(1)
 
     def update(self, logits, target, category):
-        # NOTE: (departure 18) official accumulates the per-category counts with a scatter_add_ whose
+        # NOTE: (departure 16) official accumulates the per-category counts with a scatter_add_ whose
         # source has 16 elements, so an update of more than 16 clouds raises; bincount counts any number
         # (the same values for 16 or fewer).
         scores = self.cloud_scores(logits, target, category).double().cpu()
@@ -243,7 +243,7 @@ def prepare(points, num_points, num_patches: int, patch_size: int, generator: to
         points = points * s
         start = (torch.rand(points.shape[0], generator=generator, device=points.device) * num_points).long()
     else:
-        # NOTE: (departure 17) official re-draws the validation FPS start every pass
+        # NOTE: (departure 15) official re-draws the validation FPS start every pass
         # (deterministic_val_data false); a fixed start makes a reported mIoU reproducible.
         start = num_points // 2
     x = normalize_with_padding(points, num_points)
@@ -446,7 +446,7 @@ def run_partseg(args):
     _, info, source = evaluate.build_encoder(args)
     patches, k = args.patches or RECIPE["num_patches"], args.patch_size or RECIPE["patch_size"]
     epochs = args.epochs or RECIPE["epochs"]
-    # NOTE: (departure 16) official validates every epoch on the `test` split (val_dataloader asks for
+    # NOTE: (departure 14) official validates every epoch on the `test` split (val_dataloader asks for
     # 'validation', the data has 'val') and keeps the best point accuracy there; we train on `train`,
     # select on `val` only, and report `test` for the last epoch (and, labelled, the best-on-val epoch).
     train, val, test = load_parts(args, "train"), load_parts(args, "val"), load_parts(args, "test")
