@@ -1238,7 +1238,7 @@ def load_classifier(path: str) -> tuple[Classifier, dict]:
     if not os.path.isfile(path):
         raise SystemExit(f"error: no classifier at {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = asymdsd.load_allowlisted(path)   # no arbitrary code from a downloaded file
     except Exception as e:
         raise SystemExit(f"error: {path} is not a torch file ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or not ckpt.get("classifier"):

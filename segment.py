@@ -341,7 +341,7 @@ def load_model(path: str, num_heads: int | None = None) -> PartSegmenter:
     if not os.path.isfile(path):
         raise SystemExit(f"no segmentation model at {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = asymdsd.load_allowlisted(path)   # no arbitrary code from a downloaded file
     except Exception as e:
         raise SystemExit(f"{path} is not a torch file ({type(e).__name__}: {e})") from None
     state = ckpt.get("state_dict", {}) if isinstance(ckpt, dict) else {}
