@@ -2516,7 +2516,7 @@ def write_fewshot_folds(root, way=5, shot=10, folds=(0, 1), num_points=256):
     for fold in folds:
         d = root / f"{way}way_{shot}shot"
         d.mkdir(parents=True, exist_ok=True)
-        entry = lambda lab: (rng.normal(size=(num_points, 6)).astype(np.float32) * (1 + lab), lab, 10 + lab)
+        entry = lambda lab: (rng.normal(size=(num_points, 6)).astype(np.float32) * (1 + lab), lab, 10 + lab + fold)
         folds_data = {"train": [entry(i % way) for i in range(2 * way)], "test": [entry(i % way) for i in range(way)]}
         with open(d / f"{fold}.pkl", "wb") as fh:
             pickle.dump(folds_data, fh)
@@ -2528,8 +2528,15 @@ def test_fewshot_runs_every_requested_fold(tmp_path):
     base = ["fewshot", "--random-init", "--preset", "tiny", "--data-root", str(tmp_path / "fs"), "--ways", "5",
             "--shots", "10", "--epochs", "1", "--num-points", "128", "--patches", "8", "--patch-size", "8",
             "--results", str(results)]
-    out = evaluate.main(base + ["--folds", "0", "1"])
+    out = evaluate.main(base + ["--folds", "0", "1", "--save", str(tmp_path / "clf.pt")])
     r = out["5way_10shot"]
+    # --save keeps the last fold's classifier (its classes: ModelNet40 11-15), pooled as few-shot pools
+    model, info = evaluate.load_classifier(str(tmp_path / "clf.pt"))
+    assert info["classes"] == list(data.MODELNET40_CLASSES[11:16]) and model.parts == ("mean", "max")
+    assert (info["num_points"], info["num_patches"], info["patch_size"]) == (128, 8, 8)
+    np.save(tmp_path / "x.npy", _user_cloud(200))
+    evaluate.main(["predict", str(tmp_path / "clf.pt"), str(tmp_path / "x.npy"), "--out", str(tmp_path / "p.json")])
+    assert json.loads((tmp_path / "p.json").read_text())[0]["top"][0]["label"] in info["classes"]
     assert [f["fold"] for f in r["folds"]] == [0, 1]
     assert r["last_acc_mean"] == pytest.approx(np.mean([f["last_acc"] for f in r["folds"]]))
     assert r["class_mean_acc_mean"] == pytest.approx(np.mean([f["last_class_mean"] for f in r["folds"]]))
@@ -2710,6 +2717,24 @@ def test_predict_loads_a_saved_classifier(tmp_path, capsys):
     assert abs(probs[0] - float(ref.max())) < 1e-5 and "x.npy" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="not a classifier"):
         evaluate.main(["predict", _tiny_export(tmp_path)[1], str(tmp_path / "x.npy")])
+    with pytest.raises(SystemExit, match=r"p\.txt: give a \.csv or \.json"):
+        evaluate.main(["predict", str(tmp_path / "clf.pt"), str(tmp_path / "x.npy"), "--out", str(tmp_path / "p.txt")])
+
+
+def test_saved_classifier_keeps_head_and_pooling(tmp_path):
+    """Every head and pooling the protocols train (finetune / fewshot MLP-3, probe linear) loads back into the
+    same model: `predict` gives the saved model's logits."""
+    torch.manual_seed(0)
+    clouds = torch.from_numpy(np.stack([_user_cloud(256, s) for s in range(2)]))
+    centers, patches = evaluate.eval_patches(A.normalize_unit_sphere(clouds), 16, 16)
+    for head, cls_feature in (("mlp", True), ("mlp", False), ("linear", True)):
+        encoder, info = evaluate.random_encoder("tiny", seed=0)
+        model = evaluate.Classifier(encoder, 4, cls_feature=cls_feature, drop_path_rate=0.1, head=head).eval()
+        evaluate.save_classifier(model, info, list("abcd"), 256, 16, 16, str(tmp_path / "clf.pt"))
+        loaded, _ = evaluate.load_classifier(str(tmp_path / "clf.pt"))
+        assert type(loaded.head) is type(model.head) and loaded.parts == model.parts, (head, cls_feature)
+        with torch.no_grad():
+            assert torch.allclose(loaded(patches, centers), model(patches, centers), atol=1e-5), (head, cls_feature)
 
 
 def test_cls_attention_uniform_when_queries_are_zero():
