@@ -2777,6 +2777,16 @@ def test_shipped_checkpoint_and_examples_run(tmp_path):
     evaluate.main(["embed", ckpt, examples, "--out", str(tmp_path / "f.npy")])
     feats = np.load(tmp_path / "f.npy")
     assert feats.shape[0] == len(os.listdir(examples)) >= 4 and np.allclose(np.linalg.norm(feats, axis=1), 1, atol=1e-4)
+    # the shipped classifier (README's first predict) loads and ranks ModelNet40 classes for every example
+    clf = os.path.join(root, "checkpoints", "tiny_modelnet40_probe.pt")
+    model, info = evaluate.load_classifier(clf)
+    assert info["classes"] == list(data.MODELNET40_CLASSES) and model.head[-1].out_features == 40
+    evaluate.main(["predict", clf, examples, "--top-k", "3", "--out", str(tmp_path / "p.json")])
+    rows = json.loads((tmp_path / "p.json").read_text())
+    assert [os.path.basename(r["file"]) for r in rows] == sorted(os.listdir(examples))
+    for r in rows:
+        probs = [t["prob"] for t in r["top"]]
+        assert len(probs) == 3 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-5
 
 
 # -- frozen probes, voting, class-mean accuracy, evaluation while pretraining -----------------------
