@@ -1293,10 +1293,11 @@ def cmd_predict(args):
             w.writerow(["file"] + [c for r in range(1, top + 1) for c in (f"label{r}", f"prob{r}")])
             for r in rows:
                 w.writerow([r["file"]] + [c for t in r["top"] for c in (t["label"], f"{t['prob']:.4f}")])
-    width = max(len(f) for f in kept)
-    print(f"{'file':<{width}}  " + "  ".join(f"top-{r + 1}" for r in range(top)))
-    for r in rows:
-        print(f"{r['file']:<{width}}  " + "  ".join(f"{t['label']} {100 * t['prob']:5.1f}%" for t in r["top"]))
+    cells = [[r["file"]] + [f"{t['label']} {100 * t['prob']:.1f}%" for t in r["top"]] for r in rows]
+    cells.insert(0, ["file"] + [f"top-{j + 1}" for j in range(top)])
+    widths = [max(len(c[j]) for c in cells) for j in range(top + 1)]
+    for c in cells:
+        print("  ".join(x.ljust(w) for x, w in zip(c, widths)).rstrip())
     if args.out:
         print(f"wrote {args.out}")
 
