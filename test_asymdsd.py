@@ -2715,6 +2715,11 @@ def test_predict_loads_a_saved_classifier(tmp_path, capsys):
     ref = evaluate.predict_probs(model, cloud[None], 16, 16)[0]
     assert rows[0]["top"][0]["label"] == ["cup", "lamp", "vase"][int(ref.argmax())]
     assert abs(probs[0] - float(ref.max())) < 1e-5 and "x.npy" in capsys.readouterr().out
+    evaluate.main(["predict", str(tmp_path / "clf.pt"), str(tmp_path / "x.npy"), "--top-k", "2",
+                   "--out", str(tmp_path / "p.csv")])
+    header, row = (tmp_path / "p.csv").read_text().splitlines()
+    assert header == "file,label1,prob1,label2,prob2" and row.split(",")[1] == rows[0]["top"][0]["label"]
+    assert abs(float(row.split(",")[2]) - probs[0]) < 1e-4
     with pytest.raises(SystemExit, match="not a classifier"):
         evaluate.main(["predict", _tiny_export(tmp_path)[1], str(tmp_path / "x.npy")])
     with pytest.raises(SystemExit, match=r"p\.txt: give a \.csv or \.json"):
