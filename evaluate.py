@@ -15,7 +15,7 @@ Subcommands, in the order of this file (right: the official source, under config
   partseg   ShapeNetPart part segmentation, in segment.py        semseg/semseg.yaml
   plot      learning curves of a pretraining log.jsonl           (ours, matplotlib)
   embed     features of your own clouds and meshes               (ours; the svm protocol's feature)
-  predict   top-k classes with a `finetune --save` classifier    (ours)
+  predict   top-k classes with a classifier saved by --save      (ours)
   show      PNG of patches, crops, masks, CLS attention          (ours, matplotlib; make_views itself)
 
 Run:  python evaluate.py svm runs/asymdsd/last.pt --data modelnet40 --data-root data/ModelNet40
@@ -852,10 +852,10 @@ def train_classifiers(args, command: str, protocol_name: str, protocol: dict, he
     if png:
         png = save_confusion_png(single_conf, test.classes, png, f"{command} | {source} | {args.data}")
     metrics.update(per_class=accuracy_metrics(single_conf, test.classes)["per_class"], confusion_png=png, runs=runs)
-    settings = dict(dataset=args.data, protocol=protocol_name, head=head, epochs=epochs, runs=args.runs,
-                    points=points, patches=patches, patch_size=k, encoder=info["kind"], sizes=info["sizes"],
+    settings = dict(dataset=args.data, data_root=args.data_root, protocol=protocol_name, head=head, epochs=epochs,
+                    runs=args.runs, points=points, patches=patches, patch_size=k, encoder=info["kind"], sizes=info["sizes"],
                     drop_path=args.drop_path, batch_size=args.batch_size, votes=args.votes,
-                    vote_augmentation=augmentation if args.votes > 1 else None)
+                    vote_augmentation=augmentation if args.votes > 1 else None, saved=getattr(args, "save", None))
     report(args, command, source, settings, metrics, rows)
     return metrics
 
@@ -906,6 +906,8 @@ def cmd_fewshot(args):
                 history = finetune(model, train, test, protocol, epochs, patches, k, args.batch_size, args.device,
                                    args.seed, desc=f"{way}-way {shot}-shot fold {fold}")
                 folds.append(dict(fold=fold, **summarize(history)))
+                if args.save:   # overwritten fold by fold: the last way, shot and fold's classifier stays
+                    save_classifier(model, info, train.classes, points, patches, k, args.save)
                 logits, _, labels = predict(model, test, patches, k, 2 * args.batch_size, args.device)
                 pairs += [(test.classes[t], test.classes[p]) for t, p in zip(labels.tolist(), logits.argmax(1).tolist())]
             last, best = [f["last_acc"] for f in folds], [f["best_acc"] for f in folds]
@@ -929,6 +931,9 @@ def cmd_fewshot(args):
     settings = dict(dataset=args.data, data_root=args.data_root, epochs=epochs, folds=args.folds, points=points,
                     patches=patches, patch_size=k, encoder=info["kind"], sizes=info["sizes"], seed=args.seed)
     report(args, "fewshot", source, settings, results, rows)
+    if args.save:
+        print(f"saved the classifier ({args.ways[-1]}-way {args.shots[-1]}-shot fold {args.folds[-1]}, last epoch) "
+              f"to {args.save}: `python evaluate.py predict {args.save} FILES`")
     return results
 
 
@@ -1228,8 +1233,10 @@ def save_classifier(model: Classifier, info: dict, classes: list[str], num_point
                     patch_size: int, path: str):
     """Everything `predict` needs: encoder sizes, encoder + head weights, class names, pooling and
     the input preprocessing (points, patches, patch size)."""
+    head = "linear" if isinstance(model.head, nn.Linear) else "mlp"
     torch.save({"classifier": True, "config": dict(info["sizes"]), "state_dict": model.state_dict(),
                 "classes": list(classes), "parts": list(model.parts), "cls_in_pools": model.cls_in_pools,
+                "head": head,
                 "patchify": dict(num_points=num_points, num_patches=num_patches, patch_size=patch_size)}, path)
 
 
@@ -1242,9 +1249,11 @@ def load_classifier(path: str) -> tuple[Classifier, dict]:
     except Exception as e:
         raise SystemExit(f"error: {path} is not a torch file ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or not ckpt.get("classifier"):
-        raise SystemExit(f"error: {path} is not a classifier saved by `finetune --save` (an encoder? use `embed`)")
+        raise SystemExit(f"error: {path} is not a classifier saved by `finetune`, `probe`, `scratch` or `fewshot` "
+                         "with --save (an encoder? use `embed`)")
     encoder = asymdsd.PointEncoder(**ckpt["config"])
-    model = Classifier(encoder, len(ckpt["classes"]), cls_feature=not ckpt["cls_in_pools"], drop_path_rate=0.0)
+    model = Classifier(encoder, len(ckpt["classes"]), cls_feature=not ckpt["cls_in_pools"], drop_path_rate=0.0,
+                       head=ckpt.get("head", "mlp"))
     model.load_state_dict(ckpt["state_dict"])
     return model.eval(), dict(classes=ckpt["classes"], **ckpt["patchify"])
 
@@ -1264,6 +1273,8 @@ def predict_probs(model: Classifier, clouds: np.ndarray, num_patches: int, patch
 
 
 def cmd_predict(args):
+    if args.out and not args.out.lower().endswith((".csv", ".json")):
+        raise SystemExit(f"error: --out {args.out}: give a .csv or .json file")
     model, info = load_classifier(args.classifier)
     points, patches, k = input_settings(args, info)
     clouds, kept = read_user_clouds(find_inputs(args.inputs), points, args.skip_bad, args.seed)
@@ -1272,7 +1283,7 @@ def cmd_predict(args):
     order = np.argsort(-probs, axis=1)[:, :top]
     rows = [dict(file=f, top=[dict(label=info["classes"][j], prob=float(probs[i, j])) for j in order[i]])
             for i, f in enumerate(kept)]
-    if args.out and args.out.endswith(".json"):
+    if args.out and args.out.lower().endswith(".json"):
         with open(args.out, "w") as fh:
             json.dump(rows, fh, indent=1)
     elif args.out:
@@ -1282,9 +1293,11 @@ def cmd_predict(args):
             w.writerow(["file"] + [c for r in range(1, top + 1) for c in (f"label{r}", f"prob{r}")])
             for r in rows:
                 w.writerow([r["file"]] + [c for t in r["top"] for c in (t["label"], f"{t['prob']:.4f}")])
-    width = max(len(f) for f in kept)
-    for r in rows:
-        print(f"{r['file']:<{width}}  " + "  ".join(f"{t['label']} {100 * t['prob']:5.1f}%" for t in r["top"]))
+    cells = [[r["file"]] + [f"{t['label']} {100 * t['prob']:.1f}%" for t in r["top"]] for r in rows]
+    cells.insert(0, ["file"] + [f"top-{j + 1}" for j in range(top)])
+    widths = [max(len(c[j]) for c in cells) for j in range(top + 1)]
+    for c in cells:
+        print("  ".join(x.ljust(w) for x, w in zip(c, widths)).rstrip())
     if args.out:
         print(f"wrote {args.out}")
 
@@ -1445,6 +1458,8 @@ def main(argv=None):
     # NOTE: (departure 17) the official configs leave voting empty (classification_model.yaml: voting,
     # voting_augmentations); 10 votes (Point-BERT's and Point-MAE's test_vote count) with the recipe's
     # training augmentation, reported beside the single pass.
+    trained.add_argument("--save", help="write the trained classifier (encoder, head, class names, points and "
+                         "patches) here, for `predict`; with --runs > 1 the last run's")
     trained.add_argument("--votes", type=int, default=10, help="test-time votes of the final model: the clean "
                          "pass plus votes-1 augmented passes, logits summed; 1: none (default: %(default)s)")
 
@@ -1463,8 +1478,6 @@ def main(argv=None):
     s.add_argument("--protocol", choices=sorted(PROTOCOLS), help="default: the dataset's (ModelNet40 two-stage, "
                    "ScanObjectNN one stage); modelnet40_8k: 8192 points in 512 x 32 patches, 100 epochs")
     s.set_defaults(func=cmd_finetune)
-    s.add_argument("--save", help="write the fine-tuned classifier (encoder, head, class names, points and "
-                   "patches) here, for `predict`; with --runs > 1 the last run's")
     s = sub.add_parser("probe", help="frozen encoder, linear or MLP-3 head", parents=[common, data_flags, trained])
     s.add_argument("--data", default="modelnet40", choices=CLASSIFICATION, help="(default: %(default)s)")
     s.add_argument("--head", default="linear", choices=["linear", "mlp3"], help="(default: %(default)s)")
@@ -1480,6 +1493,8 @@ def main(argv=None):
     s.add_argument("--epochs", type=int, help="default 150; the warm-up scales with it")
     s.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="(default: %(default)s)")
     s.add_argument("--drop-path", type=float, default=DROP_PATH, help="(default: %(default)s)")
+    s.add_argument("--save", help="write the classifier of the last way, shot and fold (encoder, head, that "
+                   "fold's class names, points and patches) here, for `predict`")
     s.set_defaults(func=cmd_fewshot)
     s = sub.add_parser("partseg", help="fine-tune and test part segmentation on ShapeNetPart (segment.py)", **fmt)
     s.add_argument("--epochs", type=int, help="default 300; the warm-up scales with it")
@@ -1515,9 +1530,9 @@ def main(argv=None):
                    "(features, files[, tokens]) (default: %(default)s)")
     s.add_argument("--tokens", action="store_true", help="also write the per-patch tokens (S, G, D)")
     s.set_defaults(func=cmd_embed)
-    s = sub.add_parser("predict", help="classify your own point clouds with a `finetune --save` classifier",
+    s = sub.add_parser("predict", help="classify your own point clouds with a classifier saved by --save",
                        parents=[user, sizes])
-    s.add_argument("classifier", help="a file written by `finetune --save`")
+    s.add_argument("classifier", help="a file written by `finetune`, `probe`, `scratch` or `fewshot` with --save")
     s.add_argument("inputs", nargs="+", help=inputs_help)
     s.add_argument("--top-k", type=int, default=5, help="(default: %(default)s)")
     s.add_argument("--out", help="also write the table as .csv or .json")

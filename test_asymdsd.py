@@ -2516,7 +2516,7 @@ def write_fewshot_folds(root, way=5, shot=10, folds=(0, 1), num_points=256):
     for fold in folds:
         d = root / f"{way}way_{shot}shot"
         d.mkdir(parents=True, exist_ok=True)
-        entry = lambda lab: (rng.normal(size=(num_points, 6)).astype(np.float32) * (1 + lab), lab, 10 + lab)
+        entry = lambda lab: (rng.normal(size=(num_points, 6)).astype(np.float32) * (1 + lab), lab, 10 + lab + fold)
         folds_data = {"train": [entry(i % way) for i in range(2 * way)], "test": [entry(i % way) for i in range(way)]}
         with open(d / f"{fold}.pkl", "wb") as fh:
             pickle.dump(folds_data, fh)
@@ -2528,8 +2528,15 @@ def test_fewshot_runs_every_requested_fold(tmp_path):
     base = ["fewshot", "--random-init", "--preset", "tiny", "--data-root", str(tmp_path / "fs"), "--ways", "5",
             "--shots", "10", "--epochs", "1", "--num-points", "128", "--patches", "8", "--patch-size", "8",
             "--results", str(results)]
-    out = evaluate.main(base + ["--folds", "0", "1"])
+    out = evaluate.main(base + ["--folds", "0", "1", "--save", str(tmp_path / "clf.pt")])
     r = out["5way_10shot"]
+    # --save keeps the last fold's classifier (its classes: ModelNet40 11-15), pooled as few-shot pools
+    model, info = evaluate.load_classifier(str(tmp_path / "clf.pt"))
+    assert info["classes"] == list(data.MODELNET40_CLASSES[11:16]) and model.parts == ("mean", "max")
+    assert (info["num_points"], info["num_patches"], info["patch_size"]) == (128, 8, 8)
+    np.save(tmp_path / "x.npy", _user_cloud(200))
+    evaluate.main(["predict", str(tmp_path / "clf.pt"), str(tmp_path / "x.npy"), "--out", str(tmp_path / "p.json")])
+    assert json.loads((tmp_path / "p.json").read_text())[0]["top"][0]["label"] in info["classes"]
     assert [f["fold"] for f in r["folds"]] == [0, 1]
     assert r["last_acc_mean"] == pytest.approx(np.mean([f["last_acc"] for f in r["folds"]]))
     assert r["class_mean_acc_mean"] == pytest.approx(np.mean([f["last_class_mean"] for f in r["folds"]]))
@@ -2708,8 +2715,31 @@ def test_predict_loads_a_saved_classifier(tmp_path, capsys):
     ref = evaluate.predict_probs(model, cloud[None], 16, 16)[0]
     assert rows[0]["top"][0]["label"] == ["cup", "lamp", "vase"][int(ref.argmax())]
     assert abs(probs[0] - float(ref.max())) < 1e-5 and "x.npy" in capsys.readouterr().out
+    evaluate.main(["predict", str(tmp_path / "clf.pt"), str(tmp_path / "x.npy"), "--top-k", "2",
+                   "--out", str(tmp_path / "p.csv")])
+    header, row = (tmp_path / "p.csv").read_text().splitlines()
+    assert header == "file,label1,prob1,label2,prob2" and row.split(",")[1] == rows[0]["top"][0]["label"]
+    assert abs(float(row.split(",")[2]) - probs[0]) < 1e-4
     with pytest.raises(SystemExit, match="not a classifier"):
         evaluate.main(["predict", _tiny_export(tmp_path)[1], str(tmp_path / "x.npy")])
+    with pytest.raises(SystemExit, match=r"p\.txt: give a \.csv or \.json"):
+        evaluate.main(["predict", str(tmp_path / "clf.pt"), str(tmp_path / "x.npy"), "--out", str(tmp_path / "p.txt")])
+
+
+def test_saved_classifier_keeps_head_and_pooling(tmp_path):
+    """Every head and pooling the protocols train (finetune / fewshot MLP-3, probe linear) loads back into the
+    same model: `predict` gives the saved model's logits."""
+    torch.manual_seed(0)
+    clouds = torch.from_numpy(np.stack([_user_cloud(256, s) for s in range(2)]))
+    centers, patches = evaluate.eval_patches(A.normalize_unit_sphere(clouds), 16, 16)
+    for head, cls_feature in (("mlp", True), ("mlp", False), ("linear", True)):
+        encoder, info = evaluate.random_encoder("tiny", seed=0)
+        model = evaluate.Classifier(encoder, 4, cls_feature=cls_feature, drop_path_rate=0.1, head=head).eval()
+        evaluate.save_classifier(model, info, list("abcd"), 256, 16, 16, str(tmp_path / "clf.pt"))
+        loaded, _ = evaluate.load_classifier(str(tmp_path / "clf.pt"))
+        assert type(loaded.head) is type(model.head) and loaded.parts == model.parts, (head, cls_feature)
+        with torch.no_grad():
+            assert torch.allclose(loaded(patches, centers), model(patches, centers), atol=1e-5), (head, cls_feature)
 
 
 def test_cls_attention_uniform_when_queries_are_zero():
@@ -2752,6 +2782,16 @@ def test_shipped_checkpoint_and_examples_run(tmp_path):
     evaluate.main(["embed", ckpt, examples, "--out", str(tmp_path / "f.npy")])
     feats = np.load(tmp_path / "f.npy")
     assert feats.shape[0] == len(os.listdir(examples)) >= 4 and np.allclose(np.linalg.norm(feats, axis=1), 1, atol=1e-4)
+    # the shipped classifier (README's first predict) loads and ranks ModelNet40 classes for every example
+    clf = os.path.join(root, "checkpoints", "tiny_modelnet40_probe.pt")
+    model, info = evaluate.load_classifier(clf)
+    assert info["classes"] == list(data.MODELNET40_CLASSES) and model.head[-1].out_features == 40
+    evaluate.main(["predict", clf, examples, "--top-k", "3", "--out", str(tmp_path / "p.json")])
+    rows = json.loads((tmp_path / "p.json").read_text())
+    assert [os.path.basename(r["file"]) for r in rows] == sorted(os.listdir(examples))
+    for r in rows:
+        probs = [t["prob"] for t in r["top"]]
+        assert len(probs) == 3 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-5
 
 
 # -- frozen probes, voting, class-mean accuracy, evaluation while pretraining -----------------------
