@@ -1558,7 +1558,7 @@ def scene_object(points: np.ndarray, n: int, min_points: int, rng: np.random.Gen
     without replacement. Official keeps up to 16384 (num_pre_sample_points) and subsamples per batch;
     a cache row holds n (default min_points, so every kept object fills it), and an object with
     fewer than n is left out too (departure 21)."""
-    if len(points) < max(min_points, n):
+    if len(points) < max(min_points, n):   # NOTE: (departure 21) official keeps 2048..16383 at their size
         return None
     # NOTE: (departure 22) official draws this subset from the builder's one numpy generator; here per object
     return np.ascontiguousarray(points[np.sort(rng.choice(len(points), n, replace=False))], dtype=np.float32)
