@@ -625,9 +625,11 @@ def _load_cache(npy: str, meta_path: str, fingerprint: str):
 
 
 def cached_clouds(archive: Archive, items: list, cache_dir: str, key: str, classes: list[str], name: str,
-                  num_points, sampling, seed, permute, skip_bad, workers, key_parts=3) -> PointCloudDataset:
+                  num_points, sampling, seed, permute, skip_bad, workers, key_parts=3,
+                  memmap: bool = False) -> PointCloudDataset:
     """Load `<cache_dir>/<key>.npy/.json` if it matches the data, else build it. The .json is
-    written last, so its presence means the .npy beside it is complete."""
+    written last, so its presence means the .npy beside it is complete. Under 4 GB it is copied
+    into RAM unless memmap (a mixture's sources stay memory-mapped)."""
     cache_dir = _writable(cache_dir)
     npy, meta_path = os.path.join(cache_dir, key + ".npy"), os.path.join(cache_dir, key + ".json")
     fingerprint = archive.fingerprint([n for n, _ in items])
@@ -655,7 +657,7 @@ def cached_clouds(archive: Archive, items: list, cache_dir: str, key: str, class
     points, meta = cached
     _report_bad([tuple(b) for b in meta["bad"]], skip_bad, name)
     points = points[: meta["count"]]                  # rows past count belong to skipped files
-    if points.nbytes < 4 << 30:                       # small enough: a copy in RAM, faster to index
+    if points.nbytes < 4 << 30 and not memmap:        # small enough: a copy in RAM, faster to index
         points = np.array(points)                     # (ascontiguousarray would keep the memmap)
     return PointCloudDataset(points, meta["labels"], classes, name, meta["files"])
 
@@ -754,7 +756,7 @@ def _split_items(archive: Archive, split: str):
 def build_modelnet40(root: str | None, split: str = "train", num_points: int | None = None,
                      download_missing: bool = False, skip_bad: bool = False, sampling: str = "fps",
                      seed: int = 0, cache_dir: str | None = None, url: str | None = None,
-                     workers: int | None = None) -> PointCloudDataset:
+                     workers: int | None = None, memmap: bool = False) -> PointCloudDataset:
     """ModelNet40 from the official ModelNet40.zip (OFF meshes: 16384 area-weighted samples, then
     exact FPS from a random start, official ModelNet40-S.yaml: subsample_mode FPS), its extracted
     folder, or a folder of point files in the same tree (.npy/.txt/.xyz). Up is z already; no axis
@@ -782,7 +784,7 @@ def build_modelnet40(root: str | None, split: str = "train", num_points: int | N
         raise FileNotFoundError(f"{src}: no <class>/{split}/<file>.off|.npy|.txt|.xyz files found")
     key = f"modelnet40_{split}_{num_points or 'all'}pts_{sampling}_seed{seed}"
     return cached_clouds(archive, items, cache_dir or default_cache_dir(src), key, classes, "modelnet40",
-                         num_points, sampling, seed, None, skip_bad, workers)
+                         num_points, sampling, seed, None, skip_bad, workers, memmap=memmap)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -791,7 +793,7 @@ def build_modelnet40(root: str | None, split: str = "train", num_points: int | N
 
 def build_shapenet(root: str | None, split: str = "train", num_points: int | None = None,
                    skip_bad: bool = False, sampling: str = "fps", seed: int = 0,
-                   cache_dir: str | None = None, workers: int | None = None) -> PointCloudDataset:
+                   cache_dir: str | None = None, workers: int | None = None, memmap: bool = False) -> PointCloudDataset:
     """ShapeNetCore v2: every <synset>/<model>/models/model_normalized.obj, all faces of a file
     as one mesh, 16384 area-weighted samples, z-up (official ShapeNetCoreV2Builder). One split,
     'train', holds every model (its SPLITS); labels are synset ids (pretraining ignores them)."""
@@ -812,12 +814,12 @@ def build_shapenet(root: str | None, split: str = "train", num_points: int | Non
         raise FileNotFoundError(f"{src}: no <synset>/<model>/models/model_normalized.obj files found")
     key = f"shapenet_{split}_{num_points or PRE_SAMPLE_POINTS}pts_{sampling}_seed{seed}"
     return cached_clouds(archive, items, cache_dir or default_cache_dir(src), key, classes, "shapenet",
-                         num_points, sampling, seed, Z_UP, skip_bad, workers, key_parts=4)
+                         num_points, sampling, seed, Z_UP, skip_bad, workers, key_parts=4, memmap=memmap)
 
 
 def build_shapenet55(root: str | None, split: str = "train", num_points: int | None = None,
                      skip_bad: bool = False, sampling: str = "fps", seed: int = 0,
-                     cache_dir: str | None = None, workers: int | None = None) -> PointCloudDataset:
+                     cache_dir: str | None = None, workers: int | None = None, memmap: bool = False) -> PointCloudDataset:
     """Point-BERT's ShapeNet-55 layout: ShapeNet55-34/shapenet_pc/<synset>-<model>.npy (8192
     points) and ShapeNet55-34/ShapeNet-55/{train,test}.txt listing those file names. The class
     is the synset prefix. z-up like ShapeNetCore (the clouds keep ShapeNet's y-up)."""
@@ -841,7 +843,8 @@ def build_shapenet55(root: str | None, split: str = "train", num_points: int | N
     items = [(n, classes.index(n.split("-")[0])) for n in names]
     key = f"shapenet55_{split}_{num_points or 'all'}pts_{sampling}_seed{seed}"
     return cached_clouds(Archive(pc_dir), items, cache_dir or default_cache_dir(pc_dir), key, classes,
-                         "shapenet55", num_points, sampling, seed, Z_UP, skip_bad, workers, key_parts=1)
+                         "shapenet55", num_points, sampling, seed, Z_UP, skip_bad, workers, key_parts=1,
+                         memmap=memmap)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1174,7 +1177,7 @@ DATASETS = ["modelnet40", "modelnet40_fewshot", "shapes", "shapenet", "shapenet5
 def build_dataset(name: str, root: str | None, split: str = "train", num_points: int | None = None,
                   download: bool = False, skip_bad: bool = False, sampling: str = "fps", seed: int = 0,
                   *, num_shapes: int | None = None, way: int = 5, shot: int = 10, fold: int = 0,
-                  cache_dir: str | None = None, workers: int | None = None) -> PointCloudDataset:
+                  cache_dir: str | None = None, workers: int | None = None, memmap: bool = False) -> PointCloudDataset:
     """Dataset `name` (see DATASETS) -> PointCloudDataset of (N, 3) float32 clouds and int labels.
 
     num_points: None keeps what is stored (npy files as they are; meshes: 16384 samples); fewer
@@ -1182,22 +1185,23 @@ def build_dataset(name: str, root: str | None, split: str = "train", num_points:
       than stored -> ValueError naming the file. Deterministic per (seed, file).
     download: only ModelNet40 has a public archive; fetched only when this is True.
     skip_bad: warn per bad file and print a count, instead of raising on the first.
-    num_shapes (shapes), way/shot/fold (modelnet40_fewshot), cache_dir, workers: per dataset."""
+    num_shapes (shapes), way/shot/fold (modelnet40_fewshot), cache_dir, workers: per dataset.
+    memmap: mesh caches stay memory-mapped however small (a mixture's sources)."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if sampling not in ("fps", "random"):
         raise ValueError(f"sampling must be 'fps' or 'random', got {sampling!r}")
     if name == "modelnet40":
         return build_modelnet40(root, split, num_points, download, skip_bad, sampling, seed, cache_dir,
-                                workers=workers)
+                                workers=workers, memmap=memmap)
     if name == "modelnet40_fewshot":
         return build_fewshot(root, way, shot, fold, split, num_points, skip_bad, sampling, seed)
     if name == "shapes":
         return build_shapes(split, num_points, num_shapes, seed)
     if name == "shapenet":
-        return build_shapenet(root, split, num_points, skip_bad, sampling, seed, cache_dir, workers)
+        return build_shapenet(root, split, num_points, skip_bad, sampling, seed, cache_dir, workers, memmap)
     if name == "shapenet55":
-        return build_shapenet55(root, split, num_points, skip_bad, sampling, seed, cache_dir, workers)
+        return build_shapenet55(root, split, num_points, skip_bad, sampling, seed, cache_dir, workers, memmap)
     if name in SCANOBJECTNN_FILES:
         return build_scanobjectnn(name, root, split, num_points, skip_bad, sampling, seed)
     if name == "mixture" or "+" in name:                # section 10
@@ -1263,11 +1267,19 @@ class SourceFiles:
     per object with meshes/model.obj), so an archive without it is reported as a bad file.
     keys: the files' labels (a path, or '<archive>:<member>'), in archive order."""
 
-    def __init__(self, root: str, endings: tuple[str, ...], every: str | None = None):
+    def __init__(self, root: str, endings: tuple[str, ...], every: str | None = None, skip_bad: bool = False):
         top = open_archive(root)
-        archives = [top]
+        archives, self.bad = [top], []                              # bad: [(archive, problem)] skipped
         if isinstance(top, Archive) and top.zip is None:           # a folder: the archives in it too
-            archives += [open_archive(os.path.join(root, m)) for m in top.names() if m.lower().endswith(ARCHIVE_EXT)]
+            for m in top.names():
+                if m.lower().endswith(ARCHIVE_EXT):
+                    try:
+                        archives.append(open_archive(os.path.join(root, m)))
+                    except DataFileError as e:
+                        if not skip_bad:
+                            raise DataFileError(e.path, f"{e.problem}. Replace or remove the file, or skip bad "
+                                                        f"files with --skip-bad") from None
+                        self.bad.append((e.path, e.problem))
         self.where = {}                                             # key -> (archive, member)
         for nested, archive in enumerate(archives):
             chosen = [m for m in archive.names() if m.lower().endswith(endings)]
@@ -1460,7 +1472,8 @@ def build_mesh_source(name: str, root: str, num_points: int | None, skip_bad: bo
     permute, endings, every = MESH_SOURCES[name]
     check_root(root, name, "an existing folder or archive")
     n = num_points or PRE_SAMPLE_POINTS
-    files = SourceFiles(root, endings, every)
+    files = SourceFiles(root, endings, every, skip_bad)
+    _report_bad(files.bad, skip_bad, f"{name} archives")
     if not files.keys:
         raise DataFileError(root, f"no {'/'.join(endings)} files for source {name}")
     cache_dir = _writable(cache_dir or default_cache_dir(root))
@@ -1628,6 +1641,15 @@ def sunrgbd_depth_points(depth_png: bytes, K: np.ndarray, Rtilt: np.ndarray, pat
     return (np.asarray(Rtilt, np.float64) @ points.T).T
 
 
+def check_sunrgbd_root(root: str | None):
+    """The three downloads SunRGBDBuilder reads, in one folder (the zips may be extracted in place)."""
+    check_root(root, "sunrgbd_objects", f"a folder with {', '.join(SUNRGBD_FILES)}")
+    for f in SUNRGBD_FILES:
+        if not os.path.exists(os.path.join(root, f)) and not os.path.isdir(os.path.join(root, f[:-4])):
+            raise DataFileError(os.path.join(root, f), "missing: SUN RGB-D needs SUNRGBD.zip, SUNRGBDtoolbox.zip "
+                                                       "and SUNRGBDMeta3DBB_v2.mat in one folder")
+
+
 def build_sunrgbd_objects(root: str | None, num_points: int | None, skip_bad: bool, seed: int,
                           cache_dir: str | None = None, min_points: int = SCENE_OBJECT_MIN_POINTS,
                           split: str = "train") -> PointCloudDataset:
@@ -1636,11 +1658,7 @@ def build_sunrgbd_objects(root: str | None, num_points: int | None, skip_bad: bo
     `all<split>` in the toolbox's allsplit.mat that have 3D boxes; every box one object: the frame's
     points (sunrgbd_depth_points) inside centroid +- |coeffs| per axis (the box's orientation is not
     used, as in the official), kept or left out by scene_object (num_points default 2048)."""
-    check_root(root, "sunrgbd_objects", f"a folder with {', '.join(SUNRGBD_FILES)}")
-    for f in SUNRGBD_FILES:
-        if not os.path.exists(os.path.join(root, f)) and not os.path.isdir(os.path.join(root, f[:-4])):
-            raise DataFileError(os.path.join(root, f), "missing: SUN RGB-D needs SUNRGBD.zip, SUNRGBDtoolbox.zip "
-                                                       "and SUNRGBDMeta3DBB_v2.mat in one folder")
+    check_sunrgbd_root(root)
     try:
         import scipy.io
     except ImportError:
@@ -1759,6 +1777,17 @@ def build_objaverse_lvis(root: str | None, split: str = "train", num_points: int
                              "objaverse_lvis", [shapes.files[r] for r in rows])
 
 
+def stream_array(ds: PointCloudDataset, cache_dir: str) -> PointCloudDataset:
+    """A source read into RAM (ScanObjectNN's h5 files) written once through stream_cache into an .npy
+    named by a hash of its points, and given back memory-mapped: a mixture holds no source in RAM."""
+    points = np.ascontiguousarray(ds.points)
+    tag = hashlib.sha1(memoryview(points).cast("B")).hexdigest()[:10]
+    path = os.path.join(_writable(cache_dir), f"{ds.name}_{points.shape[1]}pts_{tag}.npy")
+    rows, _ = stream_cache(path, [str(i) for i in range(len(points))], lambda k: points[int(k)],
+                           points.shape[1], False, ds.name)
+    return PointCloudDataset(rows, ds.labels, ds.classes, ds.name, ds.files)
+
+
 class MixtureDataset(torch.utils.data.Dataset):
     """Plain concatenation of sources (official Mixture-U: no weighting). item -> (points, source index).
     Each source keeps its own storage (memmap for cached sources), so nothing here copies shapes."""
@@ -1844,12 +1873,17 @@ def build_mixture(name: str, root: str | None, split: str = "train", num_points:
             raise DataFileError(r, f"root of source {s} does not exist")
         if r is None and (s in MESH_SOURCES or s in POINT_SOURCES):
             raise DataFileError(name, f"source {s} needs a root folder")
+        if s == "sunrgbd_objects":
+            check_sunrgbd_root(r)
     sources = []
     for s, r in pairs:
         if s in MESH_SOURCES or s in POINT_SOURCES:
             ds = build_source(s, r, num_points, skip_bad, sampling, seed)
         else:
-            ds = build_dataset(s, r, split, num_points, download, skip_bad, sampling, seed, workers=workers)
+            ds = build_dataset(s, r, split, num_points, download, skip_bad, sampling, seed, workers=workers,
+                               memmap=True)
+            if not isinstance(ds.points, np.memmap) and s != "shapes":   # ScanObjectNN h5, few-shot pickles
+                ds = stream_array(ds, default_cache_dir(r) if r else os.path.join("data", f"{s}_cache"))
         sources.append((s, r or "(default)", ds))
     # NOTE: (departure 21) official keeps each source's stored count (ScanObjectNN 2048, meshes 16384) and
     # subsamples / pads per batch (data_module_zarr.py: UniformSampleArrays, pad_to_length); batches here

@@ -2039,6 +2039,7 @@ def write_official_mesh_layouts(root: Path):
             z.writestr("model.sdf", "<sdf/>")
     with zipfile.ZipFile(root / "ScannedObjects" / "Empty_C.zip", "w") as z:
         z.writestr("model.sdf", "<sdf/>")                                    # no meshes/model.obj: bad
+    (root / "ScannedObjects" / "Broken_D.zip").write_bytes(b"PK cut short")      # not a zip: bad
     with zipfile.ZipFile(root / "toys4k_obj_files.zip", "w") as z:
         for cat, name in (("airplane", "airplane_000"), ("cup", "cup_012")):
             z.writestr(f"toys4k_obj_files/{cat}/{name}/mesh.obj", obj)
@@ -2070,11 +2071,16 @@ def write_official_mesh_layouts(root: Path):
 def test_mesh_sources_read_their_official_layouts(tmp_path, source, root, count, axes):
     write_official_mesh_layouts(tmp_path)
     skip_bad = source == "scannedobjects"
-    if skip_bad:                                                 # the zip without meshes/model.obj is named
-        with pytest.raises(data.DataFileError, match="Empty_C.zip:meshes/model.obj: missing from the archive"):
+    if skip_bad:                                                 # a broken zip, a zip without meshes/model.obj
+        with pytest.raises(data.DataFileError, match="Broken_D.zip: not a readable zip archive.*--skip-bad"):
             data.build_dataset(source, str(tmp_path / root))
-        with pytest.warns(UserWarning, match="Empty_C.zip"):
+        with pytest.warns(UserWarning) as caught:
             ds = data.build_dataset(source, str(tmp_path / root), skip_bad=True)
+        names = [str(w.message) for w in caught]
+        assert len(names) == 2 and "Broken_D.zip: not a readable zip" in names[0] and "Empty_C.zip:" in names[1]
+        (tmp_path / root / "Broken_D.zip").unlink()
+        with pytest.raises(data.DataFileError, match="Empty_C.zip:meshes/model.obj: missing from the archive"):
+            data.build_dataset(source, str(tmp_path / root), num_points=64)
     else:
         ds = data.build_dataset(source, str(tmp_path / root))
     assert len(ds) == count and ds.points.shape[1:] == (16384, 3)    # official num_pre_sample_points
@@ -2181,6 +2187,22 @@ def test_sunrgbd_objects_cut_by_boxes_axes_counts_and_bad_files(tmp_path):
     (root / "SUNRGBDtoolbox.zip").rename(tmp_path / "elsewhere.zip")
     with pytest.raises(data.DataFileError, match="SUNRGBDtoolbox.zip: missing"):
         data.build_dataset("sunrgbd_objects", str(root))
+
+
+def test_mixture_keeps_every_source_memory_mapped(tmp_path):
+    """ModelNet40's small cache and ScanObjectNN's h5 rows, in RAM when read alone, are memory-mapped
+    .npy files inside a mixture, with the same clouds."""
+    pytest.importorskip("h5py")
+    write_scanobjectnn(tmp_path / "ScanObjectNN" / "h5_files", points=64)
+    mn = write_modelnet_folder(tmp_path / "mn")
+    alone = [data.build_dataset("modelnet40", str(mn), num_points=64),
+             data.build_dataset("scanobjectnn_objbg", str(tmp_path / "ScanObjectNN"))]
+    assert not any(isinstance(ds.points, np.memmap) for ds in alone)
+    mix = data.build_dataset("modelnet40+scanobjectnn_objbg", f"{mn},{tmp_path / 'ScanObjectNN'}", num_points=64)
+    for (_, _, ds), ref in zip(mix.sources, alone):
+        assert isinstance(ds.points, np.memmap) and np.array_equal(ds.points, ref.points)
+        assert ds.labels.tolist() == ref.labels.tolist()
+    assert list((tmp_path / "ScanObjectNN_cache").glob("scanobjectnn_objbg_64pts_*.npy"))
 
 
 def _clouds(n_points):
