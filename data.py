@@ -13,11 +13,13 @@ Datasets, each with the official builder it follows (in brackets, under asymdsd/
   modelnet40_fewshot   Point-BERT ModelNetFewshot pickles, y<->z swapped [ModelNetFewShot/modelnetfewshot.py]
   shapes               procedural primitives (sphere, box, ...) for smoke runs and tests   (ours)
   meshes, objaverse, toys4k, 3dfuture, abo, scannedobjects
-                       folders of OBJ/OFF/GLB/PLY files (Objaverse also Cap3D .ply clouds), one
-                       mesh path through trimesh, 16384 samples, each source's axis rule  [section 10]
+                       each source's download (folders, zips, tars read in place) of OBJ/OFF/GLB/PLY
+                       files (Objaverse also Cap3D .ply clouds), one mesh path through trimesh,
+                       16384 samples, each source's axis rule                             [section 10]
   omniobject3d         OmniObject3D.zip HDF5 files, 16384 points, z-up [OmniObject3D/omniobject3d.py]
   objaverse_lvis       Objaverse-LVIS few-shot splits (shot, fold)   [Objaverse_v2/objaverse_.py]
   s3dis_objects        S3DIS Annotations/*.txt objects of areas 1-6, >= 2048 points [S3DIS_objects/]
+  sunrgbd_objects      SUN RGB-D depth frames cut by their 3D boxes, >= 2048 points  [SUNRGBD/sunrgbd.py]
   a+b+c, mixture       several sources concatenated (configs/data/Mixture-U.yaml)       [section 10]
 
 Usage (the pretraining and evaluation scripts do exactly this):
@@ -1624,7 +1626,10 @@ def sunrgbd_depth_points(depth_png: bytes, K: np.ndarray, Rtilt: np.ndarray, pat
     """One SUN RGB-D depth frame -> its points (P, 3), z up (official rgbd_to_pc.read_3d_points): the
     16-bit PNG rotated right by 3 bits is millimetres, capped at 8 m; pixel (col x, row y) at depth d
     becomes ((x - cx) d / fx, d, -(y - cy) d / fy), turned by Rtilt; pixels without depth dropped."""
-    from PIL import Image                                         # Pillow: optional, SUN RGB-D only
+    try:
+        from PIL import Image                                     # Pillow: optional, SUN RGB-D only
+    except ImportError:
+        raise SystemExit("reading SUN RGB-D depth maps needs Pillow: pip install Pillow") from None
     try:
         raw = np.asarray(Image.open(io.BytesIO(depth_png)))
     except Exception as e:                                        # PIL raises several kinds
