@@ -1342,9 +1342,21 @@ def objaverse_rule(points: np.ndarray, rng: np.random.Generator, n_pre: int = PR
     if np.isnan(points).any():
         return None
     tol = float(np.max(points.max(0) - points.min(0))) * tolerance
-    if tol == 0 or not np.isfinite(tol) or len(np.unique(np.round(points / tol) * tol, axis=0)) < min_points:
+    if tol == 0 or not np.isfinite(tol) or distinct_rounded(points, tol) < min_points:
         return None
     return points
+
+
+def distinct_rounded(points: np.ndarray, tol: float) -> int:
+    """How many distinct rows points (K, 3) has after rounding to multiples of tol: the count of
+    official np.unique(np.round(points / tol) * tol, axis=0), about 20x faster. The rounded grid
+    indices, shifted to start at 0, span at most extent / tol + 1 per axis (1e6 + 1 at the official
+    tolerance), so the three pack exactly into one int64 key."""
+    q = np.round(points / tol).astype(np.int64)            # (K, 3) grid indices, the official rounding
+    q -= q.min(0)
+    r = int(q.max()) + 1
+    keys = np.sort((q[:, 0] * r + q[:, 1]) * r + q[:, 2])   # (K,)
+    return 1 + int(np.count_nonzero(keys[1:] != keys[:-1]))
 
 
 def mesh_points(path: str, data: bytes, n: int, seed: int, permute=None, objaverse: bool = False):
@@ -1352,13 +1364,13 @@ def mesh_points(path: str, data: bytes, n: int, seed: int, permute=None, objaver
     source's rule leaves it out. Meshes: n surface samples. Point clouds: n of their points without
     replacement, fewer than n refused. objaverse: the official ObjaverseBuilder rule (objaverse_rule)
     on 16384 samples or on the cloud's points first."""
-    rng = item_rng(seed, path)
-    points = read_shape(path, data, max(n, PRE_SAMPLE_POINTS) if objaverse else n, rng)
+    rng, n_pre = item_rng(seed, path), max(n, PRE_SAMPLE_POINTS)
+    points = read_shape(path, data, n_pre if objaverse else n, rng)
     if objaverse:
         # NOTE: (departure 22) official ObjaverseBuilder applies this rule to the GLBs it downloads;
         # ObjaverseV2Builder keeps the Cap3D clouds unchecked. Here both are checked, so that a NaN
         # cloud is left out rather than trained on.
-        points = objaverse_rule(points, rng)
+        points = objaverse_rule(points, rng, n_pre)
         if points is None:
             return None
         if len(points) < n:

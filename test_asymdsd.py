@@ -2112,7 +2112,11 @@ def test_objaverse_cap3d_zips_read_in_place_and_the_official_point_rule(tmp_path
     row = big.points[1]                                                # 2500 points: the rest drawn again
     assert row.shape == (4096, 3) and len(np.unique(row, axis=0)) == 2500
     assert np.isin(row[:, 0], clouds["uid_small"][:, 0].astype(np.float32)).all()
-    # the official unique-point rule itself: tolerance 1e-6 x the largest extent
+    # the official unique-point rule itself: tolerance 1e-6 x the largest extent, counted as np.unique does
+    for pts in (cloud(5000), few_unique, np.round(cloud(3000), 2), cloud(3000) * (1, 1e-7, 1) + 100):
+        pts = pts.astype(np.float32)
+        tol = float(np.max(pts.max(0) - pts.min(0))) * 1e-6
+        assert data.distinct_rounded(pts, tol) == len(np.unique(np.round(pts / tol) * tol, axis=0))
     flat = np.zeros((4000, 3), np.float32)
     flat[:, 0] = np.arange(4000) * 1e-3
     assert data.objaverse_rule(flat, rng) is not None
