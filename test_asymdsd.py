@@ -2108,6 +2108,9 @@ def test_objaverse_cap3d_zips_read_in_place_and_the_official_point_rule(tmp_path
     assert kept == ["uid_ok.ply", "uid_small.ply"], kept              # < 2048 points, NaN, < 2048 unique: left out
     assert all(":Cap3D_pcs/" in f and "compressed_pcs_00.zip" in f for f in ds.files)
     assert _extent(ds.points[0]) == pytest.approx([1, 2, 3], abs=0.05)   # Cap3D: as stored
+    (tmp_path / "objaverse" / "lvis-annotations.json").write_text(json.dumps({"mug": ["uid_ok", "uid_small", "uid_nan"]}))
+    lvis = data.build_dataset("objaverse_lvis", str(tmp_path / "objaverse"), "test", shot=1)   # uids inside the zip
+    assert len(lvis) == 1 and lvis.classes == ["mug"] and lvis.points.shape[1:] == (1024, 3)
     big = data.build_dataset("objaverse", str(tmp_path / "objaverse"), num_points=4096)
     row = big.points[1]                                                # 2500 points: the rest drawn again
     assert row.shape == (4096, 3) and len(np.unique(row, axis=0)) == 2500
