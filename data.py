@@ -462,6 +462,10 @@ class Archive:
     def label(self, name: str) -> str:
         return f"{self.path}:{name}" if self.zip is not None else os.path.join(self.path, name)
 
+    def close(self):
+        if self.zip is not None:
+            self.zip.close()
+
     def read(self, name: str) -> bytes:
         try:
             if self.zip is not None:
@@ -503,6 +507,9 @@ class _TarArchive:
 
     def label(self, name: str) -> str:
         return f"{self.path}:{name}"
+
+    def close(self):
+        self.tar.close()
 
     def read(self, name: str) -> bytes:
         if name not in self.members:
@@ -1261,6 +1268,26 @@ def check_root(root: str | None, source: str, what: str):
         raise DataFileError(root or "<none>", f"source {source} needs {what} (--data-root)")
 
 
+class LastFile:
+    """For readers whose shapes are rows of one file (an HDF5 array, a depth frame): read(file) runs once
+    per file, its result (or its DataFileError) kept until another file is asked for; the cache is
+    built in key order, so every file is read once."""
+
+    def __init__(self, read):
+        self.read, self.file, self.value = read, None, None
+
+    def __call__(self, file):
+        if file != self.file:
+            self.file = file
+            try:
+                self.value = self.read(file)
+            except DataFileError as e:
+                self.value = e
+        if isinstance(self.value, DataFileError):
+            raise self.value
+        return self.value
+
+
 class SourceFiles:
     """The shape files of one source root in the layout it is downloaded in: the loose files of a
     folder plus the members of every .zip / .tar under it (read in place, never unpacked), or the
@@ -1270,33 +1297,35 @@ class SourceFiles:
     keys: the files' labels (a path, or '<archive>:<member>'), in archive order."""
 
     def __init__(self, root: str, endings: tuple[str, ...], every: str | None = None, skip_bad: bool = False):
-        top = open_archive(root)
-        archives, self.bad = [top], []                              # bad: [(archive, problem)] skipped
-        if isinstance(top, Archive) and top.zip is None:           # a folder: the archives in it too
-            for m in top.names():
-                if m.lower().endswith(ARCHIVE_EXT):
-                    try:
-                        archives.append(open_archive(os.path.join(root, m)))
-                    except DataFileError as e:
-                        if not skip_bad:
-                            raise DataFileError(e.path, f"{e.problem}. Replace or remove the file, or skip bad "
-                                                        f"files with --skip-bad") from None
-                        self.bad.append((e.path, e.problem))
-        self.where = {}                                             # key -> (archive, member)
-        for nested, archive in enumerate(archives):
+        self.top, self.bad = open_archive(root), []                 # bad: [(archive, problem)] skipped
+        self.where = {}                                             # key -> (nested archive path or None, member)
+        h = hashlib.sha1()                                          # changes when any file changes
+        nested = []
+        if isinstance(self.top, Archive) and self.top.zip is None:  # a folder: the archives in it too
+            nested = [os.path.join(root, m) for m in self.top.names() if m.lower().endswith(ARCHIVE_EXT)]
+        for path in [None] + nested:                                # one archive open at a time (a GSO
+            try:                                                    # download is 1000 zips: file handles)
+                archive = self.top if path is None else open_archive(path)
+            except DataFileError as e:
+                if not skip_bad:
+                    raise DataFileError(e.path, f"{e.problem}. Replace or remove the file, or skip bad "
+                                                f"files with --skip-bad") from None
+                self.bad.append((e.path, e.problem))
+                continue
             chosen = [m for m in archive.names() if m.lower().endswith(endings)]
-            if every is not None and nested and every not in chosen:
+            if every is not None and path is not None and every not in chosen:
                 chosen.append(every)                                # reading it names the archive as bad
-            self.where.update((archive.label(m), (archive, m)) for m in chosen)
+            self.where.update((archive.label(m), (path, m)) for m in chosen)
+            h.update(("\n".join(chosen) + archive.fingerprint(chosen)).encode())
+            if path is not None:
+                archive.close()
         self.keys = list(self.where)
-        h = hashlib.sha1("\n".join(self.keys).encode())
-        for archive in archives:                                    # changes when any file changes
-            h.update(archive.fingerprint([m for a, m in self.where.values() if a is archive]).encode())
         self.fingerprint = h.hexdigest()[:10]
+        self.nested = LastFile(open_archive)                        # keys come in archive order
 
     def read(self, key: str) -> bytes:
-        archive, member = self.where[key]
-        return archive.read(member)
+        path, member = self.where[key]
+        return (self.top if path is None else self.nested(path)).read(member)
 
 
 def read_shape(path: str, data: bytes, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -1500,26 +1529,6 @@ def build_mesh_source(name: str, root: str, num_points: int | None, skip_bad: bo
     skipped = set(bad)
     kept = [k for i, k in enumerate(files.keys) if i not in skipped]
     return PointCloudDataset(points, np.zeros(len(points), np.int64), [name], name, kept)
-
-
-class LastFile:
-    """For readers whose shapes are rows of one file (an HDF5 array, a depth frame): read(file) runs once
-    per file, its result (or its DataFileError) kept until another file is asked for; the cache is
-    built in key order, so every file is read once."""
-
-    def __init__(self, read):
-        self.read, self.file, self.value = read, None, None
-
-    def __call__(self, file):
-        if file != self.file:
-            self.file = file
-            try:
-                self.value = self.read(file)
-            except DataFileError as e:
-                self.value = e
-        if isinstance(self.value, DataFileError):
-            raise self.value
-        return self.value
 
 
 def build_omniobject3d(root: str, num_points: int | None, skip_bad: bool, sampling: str, seed: int,

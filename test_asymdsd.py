@@ -2089,6 +2089,20 @@ def test_mesh_sources_read_their_official_layouts(tmp_path, source, root, count,
     assert not any("raw_model" in f or "__MACOSX" in f or f.endswith(".mtl") for f in ds.files), ds.files
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files through /proc")
+def test_source_files_hold_one_archive_open_at_a_time(tmp_path):
+    """A Google Scanned Objects download is about 1000 zips: listing and reading them must not keep
+    one file handle per zip open (the default limit is 1024)."""
+    for i in range(40):
+        with zipfile.ZipFile(tmp_path / f"object_{i:02d}.zip", "w") as z:
+            z.writestr("meshes/model.obj", f"v {i} 0 0\n")
+    before = len(os.listdir("/proc/self/fd"))
+    files = data.SourceFiles(str(tmp_path), ("meshes/model.obj",), "meshes/model.obj")
+    assert len(files.keys) == 40 and len(os.listdir("/proc/self/fd")) <= before + 1
+    assert [files.read(k) for k in files.keys] == [f"v {i} 0 0\n".encode() for i in range(40)]
+    assert len(os.listdir("/proc/self/fd")) <= before + 2
+
+
 def test_objaverse_cap3d_zips_read_in_place_and_the_official_point_rule(tmp_path):
     trimesh = pytest.importorskip("trimesh")
     rng = np.random.default_rng(0)
