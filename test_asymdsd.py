@@ -2143,6 +2143,24 @@ def test_objaverse_cap3d_zips_read_in_place_and_the_official_point_rule(tmp_path
     assert len(data.objaverse_rule(cloud(20000).astype(np.float32), rng)) == 16384
 
 
+def test_sunrgbd_depth_points_decoding_axes_and_tilt():
+    """official rgbd_to_pc: PNG value rotated right by 3 bits = mm, capped at 8 m, 0 = no depth;
+    pixel (x, y) at d -> ((x - cx) d / fx, d, -(y - cy) d / fy), then Rtilt applied."""
+    Image = pytest.importorskip("PIL.Image")
+    mm = np.array([[1000, 0], [9000, 2500]], np.uint16)
+    raw = ((mm.astype(np.uint32) << 3 | mm >> 13) & 0xFFFF).astype(np.uint16)      # 9000 mm sets a low bit
+    png = io.BytesIO()
+    Image.fromarray(raw).save(png, format="PNG")
+    K = np.array([[2.0, 0, 0.5], [0, 4.0, 0.5], [0, 0, 1]])
+    tilt = np.array([[0.0, -1, 0], [1, 0, 0], [0, 0, 1]])                         # 90 degrees about z
+    got = data.sunrgbd_depth_points(png.getvalue(), K, tilt, "d.png")
+    want = [(x, y, min(mm[y, x] / 1000, 8.0)) for y in range(2) for x in range(2) if mm[y, x]]
+    want = np.array([tilt @ ((x - 0.5) * d / 2, d, -(y - 0.5) * d / 4) for x, y, d in want])
+    assert np.allclose(got, want, atol=1e-6)
+    with pytest.raises(data.DataFileError, match="d.png: not a readable PNG"):
+        data.sunrgbd_depth_points(b"nope", K, tilt, "d.png")
+
+
 def test_sunrgbd_objects_cut_by_boxes_axes_counts_and_bad_files(tmp_path):
     pytest.importorskip("scipy")
     Image = pytest.importorskip("PIL.Image")
