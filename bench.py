@@ -499,6 +499,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("what", choices=["step", "patchify", "predictor", "profile", "params", "cache", "all"])
     p.add_argument("--shapes", type=int, default=200, help="cache: synthetic meshes to cache (not part of 'all')")
+    p.add_argument("--cache-source", choices=["meshes", "objaverse"], default="meshes",
+                   help="cache: OBJ files read as 'meshes', or GLB files read as 'objaverse' (its official point rule)")
     p.add_argument("--presets", nargs="+", default=None, choices=sorted(A.PRESETS), help="default: paper tiny")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=None,
                    help="default: 128 on CUDA, 2 4 on CPU (tiny: see --tiny-batch-sizes)")
@@ -542,8 +544,9 @@ def parse_args(argv=None):
 
 
 def run_cache(args):
-    """Mixture cache building (data.py, section 10): --shapes synthetic OBJ meshes (icospheres of 1280
-    faces, random aspect) written to a temporary folder, then cached at --source-points points each
+    """Mixture cache building (data.py, section 10): --shapes synthetic meshes (icospheres of 1280
+    faces, random aspect; OBJ, or GLB for --cache-source objaverse) written to a temporary folder,
+    then cached as source --cache-source at --source-points points each
     by the streamed mesh path (trimesh load, area-weighted sampling, memmap rows) in this process.
     Reports shapes/s and the cache's bytes, and its size per 100k shapes."""
     import tempfile
@@ -551,18 +554,19 @@ def run_cache(args):
     import data
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
-        root = os.path.join(tmp, "meshes")
+        root = os.path.join(tmp, args.cache_source)
         os.makedirs(root)
+        ext = "glb" if args.cache_source == "objaverse" else "obj"
         for i in range(args.shapes):
             mesh = trimesh.creation.icosphere(subdivisions=3)
             mesh.vertices *= rng.uniform(0.5, 1.5, 3)
-            with open(os.path.join(root, f"shape_{i:06d}.obj"), "w") as fh:
-                fh.write(mesh.export(file_type="obj"))
+            with open(os.path.join(root, f"shape_{i:06d}.{ext}"), "wb") as fh:
+                fh.write(mesh.export(file_type=ext).encode() if ext == "obj" else mesh.export(file_type=ext))
         t0 = time.perf_counter()
-        ds = data.build_dataset("meshes", root, num_points=args.source_points)
+        ds = data.build_dataset(args.cache_source, root, num_points=args.source_points)
         seconds = time.perf_counter() - t0
         size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(root + "_cache") for f in fs)
-    out = {"shapes": len(ds), "points": args.source_points, "seconds": round(seconds, 2),
+    out = {"source": args.cache_source, "shapes": len(ds), "points": args.source_points, "seconds": round(seconds, 2),
            "shapes_per_s": round(len(ds) / seconds, 1), "cache_bytes": size,
            "gb_per_100k_shapes": round(size / len(ds) * 100_000 / 1e9, 2)}
     print(json.dumps(out), flush=True)

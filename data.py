@@ -13,11 +13,13 @@ Datasets, each with the official builder it follows (in brackets, under asymdsd/
   modelnet40_fewshot   Point-BERT ModelNetFewshot pickles, y<->z swapped [ModelNetFewShot/modelnetfewshot.py]
   shapes               procedural primitives (sphere, box, ...) for smoke runs and tests   (ours)
   meshes, objaverse, toys4k, 3dfuture, abo, scannedobjects
-                       folders of OBJ/OFF/GLB/PLY files (Objaverse also Cap3D .ply clouds), one
-                       mesh path through trimesh, 16384 samples, each source's axis rule  [section 10]
+                       each source's download (folders, zips, tars read in place) of OBJ/OFF/GLB/PLY
+                       files (Objaverse also Cap3D .ply clouds), one mesh path through trimesh,
+                       16384 samples, each source's axis rule                             [section 10]
   omniobject3d         OmniObject3D.zip HDF5 files, 16384 points, z-up [OmniObject3D/omniobject3d.py]
   objaverse_lvis       Objaverse-LVIS few-shot splits (shot, fold)   [Objaverse_v2/objaverse_.py]
   s3dis_objects        S3DIS Annotations/*.txt objects of areas 1-6, >= 2048 points [S3DIS_objects/]
+  sunrgbd_objects      SUN RGB-D depth frames cut by their 3D boxes, >= 2048 points  [SUNRGBD/sunrgbd.py]
   a+b+c, mixture       several sources concatenated (configs/data/Mixture-U.yaml)       [section 10]
 
 Usage (the pretraining and evaluation scripts do exactly this):
@@ -460,12 +462,18 @@ class Archive:
     def label(self, name: str) -> str:
         return f"{self.path}:{name}" if self.zip is not None else os.path.join(self.path, name)
 
+    def close(self):
+        if self.zip is not None:
+            self.zip.close()
+
     def read(self, name: str) -> bytes:
         try:
             if self.zip is not None:
                 return self.zip.read(name)
             with open(os.path.join(self.path, name), "rb") as fh:
                 return fh.read()
+        except KeyError:
+            raise DataFileError(self.label(name), "missing from the archive") from None
         except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
             raise DataFileError(self.label(name), f"unreadable ({type(e).__name__}: {e})") from None
 
@@ -480,6 +488,45 @@ class Archive:
                 st = os.stat(os.path.join(self.path, n))
                 h.update(f"{n}:{st.st_size}:{st.st_mtime_ns};".encode())
         return h.hexdigest()
+
+
+class _TarArchive:
+    """A .tar (or .tar.gz) seen like Archive: member names and bytes."""
+
+    def __init__(self, path: str):
+        import tarfile
+        self.path = path
+        try:
+            self.tar = tarfile.open(path)
+            self.members = {m.name: m for m in self.tar.getmembers() if m.isfile()}
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise DataFileError(path, f"not a readable tar archive, truncated or corrupt download? ({e})") from None
+
+    def names(self) -> list[str]:
+        return sorted(self.members)
+
+    def label(self, name: str) -> str:
+        return f"{self.path}:{name}"
+
+    def close(self):
+        self.tar.close()
+
+    def read(self, name: str) -> bytes:
+        if name not in self.members:
+            raise DataFileError(self.label(name), "missing from the archive")
+        try:
+            return self.tar.extractfile(self.members[name]).read()
+        except Exception as e:  # tarfile raises several kinds on a damaged member
+            raise DataFileError(self.label(name), f"unreadable ({type(e).__name__}: {e})") from None
+
+    def fingerprint(self, names: list[str]) -> str:
+        st = os.stat(self.path)
+        return hashlib.sha1(f"{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+
+
+def open_archive(path: str):
+    """Archive for a folder or .zip, _TarArchive for a .tar / .tar.gz (the ABO and ShapeNetPart downloads)."""
+    return _TarArchive(path) if os.path.isfile(path) and ".tar" in os.path.basename(path) else Archive(path)
 
 
 def _load_job(job):
@@ -587,9 +634,11 @@ def _load_cache(npy: str, meta_path: str, fingerprint: str):
 
 
 def cached_clouds(archive: Archive, items: list, cache_dir: str, key: str, classes: list[str], name: str,
-                  num_points, sampling, seed, permute, skip_bad, workers, key_parts=3) -> PointCloudDataset:
+                  num_points, sampling, seed, permute, skip_bad, workers, key_parts=3,
+                  memmap: bool = False) -> PointCloudDataset:
     """Load `<cache_dir>/<key>.npy/.json` if it matches the data, else build it. The .json is
-    written last, so its presence means the .npy beside it is complete."""
+    written last, so its presence means the .npy beside it is complete. Under 4 GB it is copied
+    into RAM unless memmap (a mixture's sources stay memory-mapped)."""
     cache_dir = _writable(cache_dir)
     npy, meta_path = os.path.join(cache_dir, key + ".npy"), os.path.join(cache_dir, key + ".json")
     fingerprint = archive.fingerprint([n for n, _ in items])
@@ -617,7 +666,7 @@ def cached_clouds(archive: Archive, items: list, cache_dir: str, key: str, class
     points, meta = cached
     _report_bad([tuple(b) for b in meta["bad"]], skip_bad, name)
     points = points[: meta["count"]]                  # rows past count belong to skipped files
-    if points.nbytes < 4 << 30:                       # small enough: a copy in RAM, faster to index
+    if points.nbytes < 4 << 30 and not memmap:        # small enough: a copy in RAM, faster to index
         points = np.array(points)                     # (ascontiguousarray would keep the memmap)
     return PointCloudDataset(points, meta["labels"], classes, name, meta["files"])
 
@@ -716,7 +765,7 @@ def _split_items(archive: Archive, split: str):
 def build_modelnet40(root: str | None, split: str = "train", num_points: int | None = None,
                      download_missing: bool = False, skip_bad: bool = False, sampling: str = "fps",
                      seed: int = 0, cache_dir: str | None = None, url: str | None = None,
-                     workers: int | None = None) -> PointCloudDataset:
+                     workers: int | None = None, memmap: bool = False) -> PointCloudDataset:
     """ModelNet40 from the official ModelNet40.zip (OFF meshes: 16384 area-weighted samples, then
     exact FPS from a random start, official ModelNet40-S.yaml: subsample_mode FPS), its extracted
     folder, or a folder of point files in the same tree (.npy/.txt/.xyz). Up is z already; no axis
@@ -744,7 +793,7 @@ def build_modelnet40(root: str | None, split: str = "train", num_points: int | N
         raise FileNotFoundError(f"{src}: no <class>/{split}/<file>.off|.npy|.txt|.xyz files found")
     key = f"modelnet40_{split}_{num_points or 'all'}pts_{sampling}_seed{seed}"
     return cached_clouds(archive, items, cache_dir or default_cache_dir(src), key, classes, "modelnet40",
-                         num_points, sampling, seed, None, skip_bad, workers)
+                         num_points, sampling, seed, None, skip_bad, workers, memmap=memmap)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -753,7 +802,7 @@ def build_modelnet40(root: str | None, split: str = "train", num_points: int | N
 
 def build_shapenet(root: str | None, split: str = "train", num_points: int | None = None,
                    skip_bad: bool = False, sampling: str = "fps", seed: int = 0,
-                   cache_dir: str | None = None, workers: int | None = None) -> PointCloudDataset:
+                   cache_dir: str | None = None, workers: int | None = None, memmap: bool = False) -> PointCloudDataset:
     """ShapeNetCore v2: every <synset>/<model>/models/model_normalized.obj, all faces of a file
     as one mesh, 16384 area-weighted samples, z-up (official ShapeNetCoreV2Builder). One split,
     'train', holds every model (its SPLITS); labels are synset ids (pretraining ignores them)."""
@@ -774,12 +823,12 @@ def build_shapenet(root: str | None, split: str = "train", num_points: int | Non
         raise FileNotFoundError(f"{src}: no <synset>/<model>/models/model_normalized.obj files found")
     key = f"shapenet_{split}_{num_points or PRE_SAMPLE_POINTS}pts_{sampling}_seed{seed}"
     return cached_clouds(archive, items, cache_dir or default_cache_dir(src), key, classes, "shapenet",
-                         num_points, sampling, seed, Z_UP, skip_bad, workers, key_parts=4)
+                         num_points, sampling, seed, Z_UP, skip_bad, workers, key_parts=4, memmap=memmap)
 
 
 def build_shapenet55(root: str | None, split: str = "train", num_points: int | None = None,
                      skip_bad: bool = False, sampling: str = "fps", seed: int = 0,
-                     cache_dir: str | None = None, workers: int | None = None) -> PointCloudDataset:
+                     cache_dir: str | None = None, workers: int | None = None, memmap: bool = False) -> PointCloudDataset:
     """Point-BERT's ShapeNet-55 layout: ShapeNet55-34/shapenet_pc/<synset>-<model>.npy (8192
     points) and ShapeNet55-34/ShapeNet-55/{train,test}.txt listing those file names. The class
     is the synset prefix. z-up like ShapeNetCore (the clouds keep ShapeNet's y-up)."""
@@ -803,7 +852,8 @@ def build_shapenet55(root: str | None, split: str = "train", num_points: int | N
     items = [(n, classes.index(n.split("-")[0])) for n in names]
     key = f"shapenet55_{split}_{num_points or 'all'}pts_{sampling}_seed{seed}"
     return cached_clouds(Archive(pc_dir), items, cache_dir or default_cache_dir(pc_dir), key, classes,
-                         "shapenet55", num_points, sampling, seed, Z_UP, skip_bad, workers, key_parts=1)
+                         "shapenet55", num_points, sampling, seed, Z_UP, skip_bad, workers, key_parts=1,
+                         memmap=memmap)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -951,35 +1001,6 @@ class PartDataset(torch.utils.data.Dataset):
                 int(self.num_points[i]), int(self.category[i]))
 
 
-class _TarArchive:
-    """A .tar (or .tar.gz) seen like Archive: member names and bytes."""
-
-    def __init__(self, path: str):
-        import tarfile
-        self.path = path
-        try:
-            self.tar = tarfile.open(path)
-            self.members = {m.name: m for m in self.tar.getmembers() if m.isfile()}
-        except (tarfile.TarError, OSError, EOFError) as e:
-            raise DataFileError(path, f"not a readable tar archive, truncated or corrupt download? ({e})") from None
-
-    def names(self) -> list[str]:
-        return sorted(self.members)
-
-    def label(self, name: str) -> str:
-        return f"{self.path}:{name}"
-
-    def read(self, name: str) -> bytes:
-        try:
-            return self.tar.extractfile(self.members[name]).read()
-        except Exception as e:  # tarfile raises several kinds on a damaged member
-            raise DataFileError(self.label(name), f"unreadable ({type(e).__name__}: {e})") from None
-
-    def fingerprint(self, names: list[str]) -> str:
-        st = os.stat(self.path)
-        return hashlib.sha1(f"{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
-
-
 def read_part_file(data: bytes, path: str, num_points: int, rng: np.random.Generator):
     """One `x y z nx ny nz part` text file -> (points (N, 3) z-up, parts (N,), real count).
     More than N points: N drawn without replacement; fewer: zero-padded (official UniformSampleArrays,
@@ -1024,7 +1045,7 @@ def build_shapenetpart(root: str | None, split: str = "train", num_points: int =
     if src is None:
         raise FileNotFoundError(f"ShapeNetPart not found at {root!r}: expected the folder {SHAPENETPART_DIR}/ "
                                 "(or its .zip / .tar) with train_test_split/shuffled_*_file_list.json")
-    archive = _TarArchive(src) if os.path.isfile(src) and ".tar" in os.path.basename(src) else Archive(src)
+    archive = open_archive(src)
     names = archive.names()
     lists = [n for n in names if n.endswith(f"train_test_split/shuffled_{split}_file_list.json")]
     if not lists:
@@ -1165,7 +1186,7 @@ DATASETS = ["modelnet40", "modelnet40_fewshot", "shapes", "shapenet", "shapenet5
 def build_dataset(name: str, root: str | None, split: str = "train", num_points: int | None = None,
                   download: bool = False, skip_bad: bool = False, sampling: str = "fps", seed: int = 0,
                   *, num_shapes: int | None = None, way: int = 5, shot: int = 10, fold: int = 0,
-                  cache_dir: str | None = None, workers: int | None = None) -> PointCloudDataset:
+                  cache_dir: str | None = None, workers: int | None = None, memmap: bool = False) -> PointCloudDataset:
     """Dataset `name` (see DATASETS) -> PointCloudDataset of (N, 3) float32 clouds and int labels.
 
     num_points: None keeps what is stored (npy files as they are; meshes: 16384 samples); fewer
@@ -1173,32 +1194,29 @@ def build_dataset(name: str, root: str | None, split: str = "train", num_points:
       than stored -> ValueError naming the file. Deterministic per (seed, file).
     download: only ModelNet40 has a public archive; fetched only when this is True.
     skip_bad: warn per bad file and print a count, instead of raising on the first.
-    num_shapes (shapes), way/shot/fold (modelnet40_fewshot), cache_dir, workers: per dataset."""
+    num_shapes (shapes), way/shot/fold (modelnet40_fewshot), cache_dir, workers: per dataset.
+    memmap: mesh caches stay memory-mapped however small (a mixture's sources)."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if sampling not in ("fps", "random"):
         raise ValueError(f"sampling must be 'fps' or 'random', got {sampling!r}")
     if name == "modelnet40":
         return build_modelnet40(root, split, num_points, download, skip_bad, sampling, seed, cache_dir,
-                                workers=workers)
+                                workers=workers, memmap=memmap)
     if name == "modelnet40_fewshot":
         return build_fewshot(root, way, shot, fold, split, num_points, skip_bad, sampling, seed)
     if name == "shapes":
         return build_shapes(split, num_points, num_shapes, seed)
     if name == "shapenet":
-        return build_shapenet(root, split, num_points, skip_bad, sampling, seed, cache_dir, workers)
+        return build_shapenet(root, split, num_points, skip_bad, sampling, seed, cache_dir, workers, memmap)
     if name == "shapenet55":
-        return build_shapenet55(root, split, num_points, skip_bad, sampling, seed, cache_dir, workers)
+        return build_shapenet55(root, split, num_points, skip_bad, sampling, seed, cache_dir, workers, memmap)
     if name in SCANOBJECTNN_FILES:
         return build_scanobjectnn(name, root, split, num_points, skip_bad, sampling, seed)
     if name == "mixture" or "+" in name:                # section 10
         return build_mixture(name, root, split, num_points, download, skip_bad, sampling, seed, workers)
-    if name in MESH_SOURCES:
-        return build_mesh_source(name, root, num_points, skip_bad, seed, cache_dir)
-    if name == "omniobject3d":
-        return build_omniobject3d(root, num_points, skip_bad, sampling, seed, cache_dir)
-    if name == "s3dis_objects":
-        return build_s3dis_objects(root, num_points, skip_bad, seed, cache_dir)
+    if name in MESH_SOURCES or name in POINT_SOURCES:
+        return build_source(name, root, num_points, skip_bad, sampling, seed, cache_dir)
     if name == "objaverse_lvis":
         return build_objaverse_lvis(root, split, num_points, shot, fold, skip_bad, seed, cache_dir)
     raise ValueError(f"unknown dataset {name!r}; choose from {DATASETS}")
@@ -1229,23 +1247,92 @@ def seed_worker(worker_id: int):
 #   --data mixture --data-root sources.txt      (one "name path" line per source; '#' comments)
 # A path '-' means the source's default (data/<Name>). Every root is checked before any work starts.
 
-MESH_SOURCES = {  # name -> (axis permutation of the official builder, file extensions read)
-    "meshes": (None, (".obj", ".off", ".glb", ".ply")),       # any mesh folder, axes as stored (ours)
-    "objaverse": (Z_UP, (".glb", ".ply")),                    # official ObjaverseBuilder: points[:, [2, 0, 1]]
-                                                              # (GLB); Cap3D .ply clouds as stored (ObjaverseV2Builder)
-    "toys4k": (Z_UP, (".obj",)),                              # official Toys4KBuilder
-    "3dfuture": (Z_UP, (".obj",)),                            # official Future3DBuilder
-    "abo": (Z_UP, (".glb",)),                                 # official ABOBuilder
-    "scannedobjects": (None, (".obj",)),                      # official ScannedObjectsBuilder: no permutation
-}
+MESH_SOURCES = {  # name -> (axis permutation of the official builder, shape files: name endings, member every archive holds)
+    "meshes": (None, (".obj", ".off", ".glb", ".ply"), None),  # any mesh folder, axes as stored (ours)
+    "objaverse": (Z_UP, (".glb", ".ply"), None),               # official ObjaverseBuilder: points[:, [2, 0, 1]]
+                                                               # (GLB); Cap3D .ply clouds as stored (ObjaverseV2Builder)
+    "toys4k": (Z_UP, (".obj",), None),                         # official Toys4KBuilder: toys4k_obj_files.zip
+    "3dfuture": (Z_UP, ("normalized_model.obj",), None),       # official Future3DBuilder: 3D-FUTURE-model-part*.zip
+    "abo": (Z_UP, (".glb",), None),                            # official ABOBuilder: abo-3dmodels.tar
+    "scannedobjects": (None, ("meshes/model.obj",), "meshes/model.obj"),  # official ScannedObjectsBuilder:
+}                                                              # one zip per object, no permutation
 CACHE_PROGRESS_EVERY = 256   # shapes between progress records of a cache being built (resume points)
+OBJAVERSE_MIN_POINTS = 2048          # official ObjaverseBuilder: min_num_points
+OBJAVERSE_UNIQUE_TOLERANCE = 1e-6    # official ObjaverseBuilder: point_unique_tolerance
+ARCHIVE_EXT = (".zip", ".tar", ".tar.gz")
 
 
-def mesh_points(path: str, data: bytes, n: int, seed: int, permute=None) -> np.ndarray:
-    """The one mesh path of the mixture sources: OBJ, OFF, GLB or PLY bytes -> (n, 3) float32 surface
-    samples (area-weighted, seeded by (seed, file name)). A PLY without faces is a point cloud (the
-    Cap3D Objaverse clouds): subsampled to n without replacement, as the official ObjaverseBuilder
-    does. trimesh is imported only here (optional package)."""
+def check_root(root: str | None, source: str, what: str):
+    """A source's root must exist before any work starts: name it and what belongs there."""
+    if root is None or not os.path.exists(root):
+        raise DataFileError(root or "<none>", f"source {source} needs {what} (--data-root)")
+
+
+class LastFile:
+    """For readers whose shapes are rows of one file (an HDF5 array, a depth frame): read(file) runs once
+    per file, its result (or its DataFileError) kept until another file is asked for; the cache is
+    built in key order, so every file is read once."""
+
+    def __init__(self, read):
+        self.read, self.file, self.value = read, None, None
+
+    def __call__(self, file):
+        if file != self.file:
+            self.file = file
+            try:
+                self.value = self.read(file)
+            except DataFileError as e:
+                self.value = e
+        if isinstance(self.value, DataFileError):
+            raise self.value
+        return self.value
+
+
+class SourceFiles:
+    """The shape files of one source root in the layout it is downloaded in: the loose files of a
+    folder plus the members of every .zip / .tar under it (read in place, never unpacked), or the
+    members of one archive given as the root. A member is a shape file when its name ends with one of
+    `endings`; `every` names a member each archive under a folder must hold (ScannedObjects: one zip
+    per object with meshes/model.obj), so an archive without it is reported as a bad file.
+    keys: the files' labels (a path, or '<archive>:<member>'), in archive order."""
+
+    def __init__(self, root: str, endings: tuple[str, ...], every: str | None = None, skip_bad: bool = False):
+        self.top, self.bad = open_archive(root), []                 # bad: [(archive, problem)] skipped
+        self.where = {}                                             # key -> (nested archive path or None, member)
+        h = hashlib.sha1()                                          # changes when any file changes
+        nested = []
+        if isinstance(self.top, Archive) and self.top.zip is None:  # a folder: the archives in it too
+            nested = [os.path.join(root, m) for m in self.top.names() if m.lower().endswith(ARCHIVE_EXT)]
+        for path in [None] + nested:                                # one archive open at a time (a GSO
+            try:                                                    # download is 1000 zips: file handles)
+                archive = self.top if path is None else open_archive(path)
+            except DataFileError as e:
+                if not skip_bad:
+                    raise DataFileError(e.path, f"{e.problem}. Replace or remove the file, or skip bad "
+                                                f"files with --skip-bad") from None
+                self.bad.append((e.path, e.problem))
+                continue
+            chosen = [m for m in archive.names() if m.lower().endswith(endings)]
+            if every is not None and path is not None and every not in chosen:
+                chosen.append(every)                                # reading it names the archive as bad
+            self.where.update((archive.label(m), (path, m)) for m in chosen)
+            h.update(("\n".join(chosen) + archive.fingerprint(chosen)).encode())
+            if path is not None:
+                archive.close()
+        self.keys = list(self.where)
+        self.fingerprint = h.hexdigest()[:10]
+        self.nested = LastFile(open_archive)                        # keys come in archive order
+
+    def read(self, key: str) -> bytes:
+        path, member = self.where[key]
+        return (self.top if path is None else self.nested(path)).read(member)
+
+
+def read_shape(path: str, data: bytes, n: int, rng: np.random.Generator) -> np.ndarray:
+    """The one mesh path of the mixture sources: OBJ, OFF, GLB or PLY bytes -> points (K, 3) float32:
+    n area-weighted surface samples of a mesh (every part, its scene transform applied), or every
+    point of a PLY without faces (a point cloud: the Cap3D Objaverse clouds). trimesh is imported
+    only here (optional package)."""
     try:
         import trimesh
     except ImportError:
@@ -1257,23 +1344,72 @@ def mesh_points(path: str, data: bytes, n: int, seed: int, permute=None) -> np.n
     except Exception as e:   # trimesh raises many kinds on damaged files
         raise DataFileError(path, f"not a readable {ext.upper()} file ({type(e).__name__}: {e})") from None
     tris = [p for p in parts if isinstance(p, trimesh.Trimesh) and len(p.faces)]
-    rng = item_rng(seed, path)
     if tris:
         mesh = trimesh.util.concatenate(tris)
         v, f = np.asarray(mesh.vertices, np.float64), np.asarray(mesh.faces, np.int64)
         if not np.isfinite(v).all():
             raise DataFileError(path, "has non-finite vertex coordinates")
-        points = sample_surface(v, f, n, rng)
-    else:
-        clouds = [np.asarray(p.vertices) for p in parts if len(getattr(p, "vertices", ()))]
-        if not clouds:
-            raise DataFileError(path, "has no faces and no points")
-        points = np.concatenate(clouds).astype(np.float32)
+        try:
+            return sample_surface(v, f, n, rng)
+        except ValueError as e:                 # zero surface area
+            raise DataFileError(path, str(e)) from None
+    clouds = [np.asarray(p.vertices) for p in parts if len(getattr(p, "vertices", ()))]
+    if not clouds:
+        raise DataFileError(path, "has no faces and no points")
+    return np.concatenate(clouds).astype(np.float32)
+
+
+def objaverse_rule(points: np.ndarray, rng: np.random.Generator, n_pre: int = PRE_SAMPLE_POINTS,
+                   min_points: int = OBJAVERSE_MIN_POINTS, tolerance: float = OBJAVERSE_UNIQUE_TOLERANCE):
+    """official ObjaverseBuilder.process_instance on one object's points (K, 3): None (left out) when
+    K < min_points; more than n_pre subsampled to n_pre without replacement; None when any is NaN, or
+    when fewer than min_points stay distinct after rounding to tolerance x the largest extent."""
+    if len(points) < min_points:
+        return None
+    if len(points) > n_pre:
+        points = points[rng.choice(len(points), n_pre, replace=False)]
+    if np.isnan(points).any():
+        return None
+    tol = float(np.max(points.max(0) - points.min(0))) * tolerance
+    if tol == 0 or not np.isfinite(tol) or distinct_rounded(points, tol) < min_points:
+        return None
+    return points
+
+
+def distinct_rounded(points: np.ndarray, tol: float) -> int:
+    """How many distinct rows points (K, 3) has after rounding to multiples of tol: the count of
+    official np.unique(np.round(points / tol) * tol, axis=0), about 20x faster. The rounded grid
+    indices, shifted to start at 0, span at most extent / tol + 1 per axis (1e6 + 1 at the official
+    tolerance), so the three pack exactly into one int64 key."""
+    q = np.round(points / tol).astype(np.int64)            # (K, 3) grid indices, the official rounding
+    q -= q.min(0)
+    r = int(q.max()) + 1
+    keys = np.sort((q[:, 0] * r + q[:, 1]) * r + q[:, 2])   # (K,)
+    return 1 + int(np.count_nonzero(keys[1:] != keys[:-1]))
+
+
+def mesh_points(path: str, data: bytes, n: int, seed: int, permute=None, objaverse: bool = False):
+    """One shape file of a mesh source -> (n, 3) float32 (seeded by (seed, file name)), or None when the
+    source's rule leaves it out. Meshes: n surface samples. Point clouds: n of their points without
+    replacement, fewer than n refused. objaverse: the official ObjaverseBuilder rule (objaverse_rule)
+    on 16384 samples or on the cloud's points first."""
+    rng, n_pre = item_rng(seed, path), max(n, PRE_SAMPLE_POINTS)
+    points = read_shape(path, data, n_pre if objaverse else n, rng)
+    if objaverse:
+        # NOTE: (departure 22) official ObjaverseBuilder applies this rule to the GLBs it downloads;
+        # ObjaverseV2Builder keeps the Cap3D clouds unchecked. Here both are checked, so that a NaN
+        # cloud is left out rather than trained on.
+        points = objaverse_rule(points, rng, n_pre)
+        if points is None:
+            return None
         if len(points) < n:
-            raise DataFileError(path, f"has {len(points)} points, fewer than the {n} asked for")
-        # NOTE: (departure 22) official ObjaverseBuilder downloads the GLBs itself, draws this subset from
-        # numpy's global stream, and drops clouds with fewer than min_num_points unique points; here a
-        # local folder, a subset seeded per file, and only clouds with fewer than n points are refused.
+            # NOTE: (departure 24) official keeps an Objaverse cloud of 2048..16383 points at its size and
+            # subsamples per batch; a cache row holds n points, so the missing ones are drawn again.
+            points = np.concatenate([points, points[rng.choice(len(points), n - len(points))]])
+    if len(points) < n:
+        raise DataFileError(path, f"has {len(points)} points, fewer than the {n} asked for")
+    if len(points) > n:
+        # NOTE: (departure 22) official draws this subset from numpy's global stream; here seeded per file.
         points = points[rng.choice(len(points), n, replace=False)]
     if not np.isfinite(points).all():
         raise DataFileError(path, "gives non-finite points")
@@ -1373,26 +1509,26 @@ def stream_cache_unlocked(path: str, keys: list[str], load_one, num_points: int,
 
 def build_mesh_source(name: str, root: str, num_points: int | None, skip_bad: bool, seed: int,
                       cache_dir: str | None = None) -> PointCloudDataset:
-    """A folder (or zip) of meshes / Cap3D .ply clouds of source `name` (MESH_SOURCES), every file one
-    shape, no labels (the mixture is for pretraining), cached by stream_cache. num_points None: 16384."""
-    permute, exts = MESH_SOURCES[name]
-    if root is None or not os.path.exists(root):
-        raise DataFileError(root or "<none>", f"source {name} needs an existing folder (--data-root)")
+    """The shapes of mesh source `name` (MESH_SOURCES) under `root` in its download layout (SourceFiles):
+    every shape file one shape, no labels (the mixture is for pretraining), cached by stream_cache.
+    num_points None: 16384."""
+    permute, endings, every = MESH_SOURCES[name]
+    check_root(root, name, "an existing folder or archive")
     n = num_points or PRE_SAMPLE_POINTS
-    archive = Archive(root)
-    names = [m for m in archive.names() if m.lower().endswith(exts)]
-    if not names:
-        raise DataFileError(root, f"no {'/'.join(exts)} files for source {name}")
+    files = SourceFiles(root, endings, every, skip_bad)
+    _report_bad(files.bad, skip_bad, f"{name} archives")
+    if not files.keys:
+        raise DataFileError(root, f"no {'/'.join(endings)} files for source {name}")
     cache_dir = _writable(cache_dir or default_cache_dir(root))
-    key = hashlib.sha1("\n".join(names).encode() + archive.fingerprint(names).encode()).hexdigest()[:10]
-    path = os.path.join(cache_dir, f"{name}_{n}pts_seed{seed}_{key}.npy")
+    rule = f"_min{OBJAVERSE_MIN_POINTS}tol{OBJAVERSE_UNIQUE_TOLERANCE:g}" if name == "objaverse" else ""
+    path = os.path.join(cache_dir, f"{name}_{n}pts{rule}_seed{seed}_{files.fingerprint}.npy")
     # official ObjaverseV2Builder keeps the Cap3D clouds' axes (no permutation); the GLBs are y-up
-    axes = lambda m: None if name == "objaverse" and m.lower().endswith(".ply") else permute
-    points, bad = stream_cache(path, names, lambda m: mesh_points(archive.label(m), archive.read(m), n, seed, axes(m)),
-                               n, skip_bad, name)
+    axes = lambda k: None if name == "objaverse" and k.lower().endswith(".ply") else permute
+    points, bad = stream_cache(path, files.keys, lambda k: mesh_points(k, files.read(k), n, seed, axes(k),
+                                                                       name == "objaverse"), n, skip_bad, name)
     skipped = set(bad)
-    files = [archive.label(m) for i, m in enumerate(names) if i not in skipped]
-    return PointCloudDataset(points, np.zeros(len(points), np.int64), [name], name, files)
+    kept = [k for i, k in enumerate(files.keys) if i not in skipped]
+    return PointCloudDataset(points, np.zeros(len(points), np.int64), [name], name, kept)
 
 
 def build_omniobject3d(root: str, num_points: int | None, skip_bad: bool, sampling: str, seed: int,
@@ -1400,8 +1536,7 @@ def build_omniobject3d(root: str, num_points: int | None, skip_bad: bool, sampli
     """OmniObject3D's point clouds (official OmniObject3DBuilder): `OmniObject3D.zip` (or its folder)
     of HDF5 files `<class>_<n>.hdf5`, each a `data` array (K, 16384, 3); every row one shape, axes
     `[2, 0, 1]`, label = the file name before its last '_'. Streamed into a cache like the meshes."""
-    if root is None or not os.path.exists(root):
-        raise DataFileError(root or "<none>", "source omniobject3d needs an existing OmniObject3D.zip or folder")
+    check_root(root, "omniobject3d", "an existing OmniObject3D.zip or folder")
     try:
         import h5py
     except ImportError:
@@ -1410,20 +1545,15 @@ def build_omniobject3d(root: str, num_points: int | None, skip_bad: bool, sampli
     members = [m for m in archive.names() if m.lower().endswith((".h5", ".hdf5"))]
     if not members:
         raise DataFileError(root, "no .h5/.hdf5 files for source omniobject3d")
-    opened = {}                                       # the one file being read: rows are cached in order
 
-    def rows_of(member):
-        if member not in opened:
-            opened.clear()
-            try:
-                with h5py.File(io.BytesIO(archive.read(member)), "r") as f:
-                    opened[member] = np.asarray(f["data"][:], dtype=np.float32)
-            except (OSError, KeyError, ValueError) as e:
-                opened[member] = DataFileError(archive.label(member), f"not an HDF5 file with a 'data' array ({e})")
-        if isinstance(opened[member], DataFileError):
-            raise opened[member]
-        return opened[member]
+    def read_rows(member):
+        try:
+            with h5py.File(io.BytesIO(archive.read(member)), "r") as f:
+                return np.asarray(f["data"][:], dtype=np.float32)
+        except (OSError, KeyError, ValueError) as e:
+            raise DataFileError(archive.label(member), f"not an HDF5 file with a 'data' array ({e})") from None
 
+    rows_of = LastFile(read_rows)                     # the one file being read: rows are cached in order
     keys = []
     for m in members:                                 # counting rows reads only each file's header
         try:
@@ -1455,18 +1585,31 @@ def build_omniobject3d(root: str, num_points: int | None, skip_bad: bool, sampli
     return PointCloudDataset(points, labels, classes, "omniobject3d", good)
 
 
+SCENE_OBJECT_MIN_POINTS = 2048   # official S3DISObjectsBuilder / SunRGBDBuilder: min_num_points (Mixture-U)
+
+
+def scene_object(points: np.ndarray, n: int, min_points: int, rng: np.random.Generator):
+    """The rule both scene-object sources share (official S3DISObjectsBuilder, SunRGBDBuilder): an object
+    cut out of a scene with fewer than min_points points is left out (None); the others are subsampled
+    without replacement. Official keeps up to 16384 (num_pre_sample_points) and subsamples per batch;
+    a cache row holds n (default min_points, so every kept object fills it), and an object with
+    fewer than n is left out too (departure 21)."""
+    if len(points) < max(min_points, n):   # NOTE: (departure 21) official keeps 2048..16383 at their size
+        return None
+    # NOTE: (departure 22) official draws this subset from the builder's one numpy generator; here per object
+    return np.ascontiguousarray(points[np.sort(rng.choice(len(points), n, replace=False))], dtype=np.float32)
+
+
 S3DIS_AREAS = ("Area_1", "Area_2", "Area_3", "Area_4", "Area_5", "Area_6")   # Mixture-U split_map: train
 
 
 def build_s3dis_objects(root: str | None, num_points: int | None, skip_bad: bool, seed: int,
-                        cache_dir: str | None = None, min_points: int = 2048) -> PointCloudDataset:
+                        cache_dir: str | None = None, min_points: int = SCENE_OBJECT_MIN_POINTS) -> PointCloudDataset:
     """S3DIS objects (official S3DISObjectsBuilder, Mixture-U: areas 1-6): every
     `Stanford3dDataset_v1.2/Area_N/<room>/Annotations/<class>_<i>.txt` of the zip (or its folder) is one
-    object, its rows `x y z r g b`; xyz kept as stored (z-up, no permutation); objects with fewer than
-    `min_points` points (official min_num_points 2048) left out, the others subsampled without
-    replacement to num_points (default 2048: every kept object has that many)."""
-    if root is None or not os.path.exists(root):
-        raise DataFileError(root or "<none>", "source s3dis_objects needs Stanford3dDataset_v1.2.zip or its folder")
+    object, its rows `x y z r g b`; xyz kept as stored (z-up, no permutation); kept or left out by
+    scene_object (num_points default 2048)."""
+    check_root(root, "s3dis_objects", "Stanford3dDataset_v1.2.zip or its folder")
     n = num_points or min_points
     archive = Archive(root)
     names = [m for m in archive.names() if m.endswith(".txt") and len(m.split("/")) >= 4
@@ -1483,10 +1626,7 @@ def build_s3dis_objects(root: str | None, num_points: int | None, skip_bad: bool
             raise DataFileError(label, f"not rows of numbers ({e})") from None
         if rows.shape[1] < 3 or not np.isfinite(rows[:, :3]).all():
             raise DataFileError(label, f"expected finite x y z columns, got shape {rows.shape}")
-        if len(rows) < max(min_points, n):
-            return None
-        # NOTE: (departure 22) official draws this subset from the builder's one numpy generator; here per file
-        return rows[np.sort(item_rng(seed, m).choice(len(rows), n, replace=False)), :3]
+        return scene_object(rows[:, :3], n, min_points, item_rng(seed, m))
 
     cache_dir = _writable(cache_dir or default_cache_dir(root))
     tag = hashlib.sha1("\n".join(names).encode() + archive.fingerprint(names).encode()).hexdigest()[:10]
@@ -1496,6 +1636,119 @@ def build_s3dis_objects(root: str | None, num_points: int | None, skip_bad: bool
     files = [m for i, m in enumerate(names) if i not in skipped]
     labels = [classes.index(m.split("/")[-1].split("_")[0]) for m in files]
     return PointCloudDataset(points, labels, classes, "s3dis_objects", files)
+
+
+SUNRGBD_FILES = ("SUNRGBD.zip", "SUNRGBDtoolbox.zip", "SUNRGBDMeta3DBB_v2.mat")   # official SunRGBDBuilder
+SUNRGBD_SPLIT = "SUNRGBDtoolbox/traintestSUNRGBD/allsplit.mat"
+SUNRGBD_PREFIX = 16   # official strips the first 16 characters ('/n/fs/sun3d/data') of the stored paths
+
+
+def sunrgbd_depth_points(depth_png: bytes, K: np.ndarray, Rtilt: np.ndarray, path: str) -> np.ndarray:
+    """One SUN RGB-D depth frame -> its points (P, 3), z up (official rgbd_to_pc.read_3d_points): the
+    16-bit PNG rotated right by 3 bits is millimetres, capped at 8 m; pixel (col x, row y) at depth d
+    becomes ((x - cx) d / fx, d, -(y - cy) d / fy), turned by Rtilt; pixels without depth dropped."""
+    try:
+        from PIL import Image                                     # Pillow: optional, SUN RGB-D only
+    except ImportError:
+        raise SystemExit("reading SUN RGB-D depth maps needs Pillow: pip install Pillow") from None
+    try:
+        raw = np.asarray(Image.open(io.BytesIO(depth_png)))
+    except Exception as e:                                        # PIL raises several kinds
+        raise DataFileError(path, f"not a readable PNG depth map ({type(e).__name__}: {e})") from None
+    if raw.ndim != 2:
+        raise DataFileError(path, f"a depth map has one channel, this one has shape {raw.shape}")
+    raw = raw.astype(np.uint16)
+    depth = ((raw >> 3) | (raw << 13)).astype(np.float32) / 1000.0   # uint16: the shift left wraps
+    depth[depth > 8] = 8
+    y, x = np.mgrid[: depth.shape[0], : depth.shape[1]]
+    cx, cy, fx, fy = K[0, 2], K[1, 2], K[0, 0], K[1, 1]
+    points = np.stack([(x - cx) * depth / fx, depth, -(y - cy) * depth / fy], -1).reshape(-1, 3)
+    points = points[depth.reshape(-1) != 0]                        # official: NaN, then dropped
+    return (np.asarray(Rtilt, np.float64) @ points.T).T
+
+
+def check_sunrgbd_root(root: str | None):
+    """The three downloads SunRGBDBuilder reads, in one folder (the zips may be extracted in place)."""
+    check_root(root, "sunrgbd_objects", f"a folder with {', '.join(SUNRGBD_FILES)}")
+    for f in SUNRGBD_FILES:
+        if not os.path.exists(os.path.join(root, f)) and not os.path.isdir(os.path.join(root, f[:-4])):
+            raise DataFileError(os.path.join(root, f), "missing: SUN RGB-D needs SUNRGBD.zip, SUNRGBDtoolbox.zip "
+                                                       "and SUNRGBDMeta3DBB_v2.mat in one folder")
+
+
+def build_sunrgbd_objects(root: str | None, num_points: int | None, skip_bad: bool, seed: int,
+                          cache_dir: str | None = None, min_points: int = SCENE_OBJECT_MIN_POINTS,
+                          split: str = "train") -> PointCloudDataset:
+    """SUN RGB-D objects (official SunRGBDBuilder, Mixture-U: data/SUNRGBD): a folder with SUNRGBD.zip,
+    SUNRGBDtoolbox.zip and SUNRGBDMeta3DBB_v2.mat (each zip may also be extracted in place). Frames of
+    `all<split>` in the toolbox's allsplit.mat that have 3D boxes; every box one object: the frame's
+    points (sunrgbd_depth_points) inside centroid +- |coeffs| per axis (the box's orientation is not
+    used, as in the official), kept or left out by scene_object (num_points default 2048)."""
+    check_sunrgbd_root(root)
+    try:
+        import scipy.io
+    except ImportError:
+        raise SystemExit("reading SUN RGB-D needs scipy: pip install scipy") from None
+    unpacked = lambda f: os.path.join(root, f) if os.path.exists(os.path.join(root, f)) else root
+    frames_zip, toolbox = Archive(unpacked(SUNRGBD_FILES[0])), Archive(unpacked(SUNRGBD_FILES[1]))
+
+    def loadmat(data: bytes, path: str, key: str):
+        try:
+            return scipy.io.loadmat(io.BytesIO(data))[key][0]
+        except Exception as e:                                    # scipy raises several kinds
+            raise DataFileError(path, f"not a MATLAB file with {key!r} ({type(e).__name__}: {e})") from None
+
+    meta_path = os.path.join(root, SUNRGBD_FILES[2])
+    with open(meta_path, "rb") as fh:
+        meta = loadmat(fh.read(), meta_path, "SUNRGBDMeta")
+    chosen = {str(p[0])[SUNRGBD_PREFIX:] for p in loadmat(toolbox.read(SUNRGBD_SPLIT), toolbox.label(SUNRGBD_SPLIT), f"all{split}")}
+    frames = [i for i, m in enumerate(meta) if m["groundtruth3DBB"].size > 0
+              and os.path.dirname(os.path.dirname(str(m["depthpath"][0])[SUNRGBD_PREFIX:])) in chosen]
+    keys = [f"{i}#{j}" for i in frames for j in range(meta[i]["groundtruth3DBB"].shape[1])]
+    if not keys:
+        raise DataFileError(meta_path, f"no frame of all{split} has 3D boxes")
+
+    def read_frame(i):
+        member = str(meta[i]["depthpath"][0])[SUNRGBD_PREFIX + 1:]   # 'SUNRGBD/...' inside SUNRGBD.zip
+        return sunrgbd_depth_points(frames_zip.read(member), meta[i]["K"], meta[i]["Rtilt"], frames_zip.label(member))
+
+    frame_points = LastFile(read_frame)
+    n = num_points or min_points
+
+    def load_one(key):
+        i, j = map(int, key.split("#"))
+        points = frame_points(i)
+        box = meta[i]["groundtruth3DBB"][0][j]
+        centre, half = np.ravel(box["centroid"]).astype(np.float64), np.abs(np.ravel(box["coeffs"])).astype(np.float64)
+        if centre.shape != (3,) or half.shape != (3,):
+            raise DataFileError(f"{meta_path}[{i}] box {j}", "centroid and coeffs must have 3 numbers each")
+        inside = np.all((points >= centre - half) & (points <= centre + half), axis=1)
+        return scene_object(points[inside], n, min_points, item_rng(seed, key))
+
+    cache_dir = _writable(cache_dir or default_cache_dir(root))
+    st = [os.stat(os.path.join(root, f)) for f in SUNRGBD_FILES if os.path.exists(os.path.join(root, f))]
+    tag = hashlib.sha1(("\n".join(keys) + "".join(f"{s.st_size}:{s.st_mtime_ns}" for s in st)).encode()).hexdigest()[:10]
+    path = os.path.join(cache_dir, f"sunrgbd_objects_{split}_{n}pts_min{min_points}_seed{seed}_{tag}.npy")
+    points, skipped = stream_cache(path, keys, load_one, n, skip_bad, "sunrgbd_objects")
+    skipped = set(skipped)
+    names = [f"{str(meta[int(k.split('#')[0])]['sequenceName'][0])[8:].replace('/', '_')}_{k.split('#')[1]}"
+             for i, k in enumerate(keys) if i not in skipped]          # official instance name
+    return PointCloudDataset(points, np.zeros(len(points), np.int64), ["sunrgbd_objects"], "sunrgbd_objects", names)
+
+
+POINT_SOURCES = ("omniobject3d", "s3dis_objects", "sunrgbd_objects")   # point clouds, read without trimesh
+
+
+def build_source(name: str, root: str | None, num_points: int | None, skip_bad: bool, sampling: str, seed: int,
+                 cache_dir: str | None = None) -> PointCloudDataset:
+    """One source of MESH_SOURCES or POINT_SOURCES, streamed into its cache (alone or in a mixture)."""
+    if name in MESH_SOURCES:
+        return build_mesh_source(name, root, num_points, skip_bad, seed, cache_dir)
+    if name == "omniobject3d":
+        return build_omniobject3d(root, num_points, skip_bad, sampling, seed, cache_dir)
+    if name == "s3dis_objects":
+        return build_s3dis_objects(root, num_points, skip_bad, seed, cache_dir)
+    return build_sunrgbd_objects(root, num_points, skip_bad, seed, cache_dir)
 
 
 def objaverse_lvis_split(annotations: dict, available, shot: int, fold: int):
@@ -1548,6 +1801,17 @@ def build_objaverse_lvis(root: str | None, split: str = "train", num_points: int
     rows = [row[u] for u, _ in items]
     return PointCloudDataset(np.asarray(shapes.points[rows]), [y for _, y in items], classes,
                              "objaverse_lvis", [shapes.files[r] for r in rows])
+
+
+def stream_array(ds: PointCloudDataset, cache_dir: str) -> PointCloudDataset:
+    """A source read into RAM (ScanObjectNN's h5 files) written once through stream_cache into an .npy
+    named by a hash of its points, and given back memory-mapped: a mixture holds no source in RAM."""
+    points = np.ascontiguousarray(ds.points)
+    tag = hashlib.sha1(memoryview(points).cast("B")).hexdigest()[:10]
+    path = os.path.join(_writable(cache_dir), f"{ds.name}_{points.shape[1]}pts_{tag}.npy")
+    rows, _ = stream_cache(path, [str(i) for i in range(len(points))], lambda k: points[int(k)],
+                           points.shape[1], False, ds.name)
+    return PointCloudDataset(rows, ds.labels, ds.classes, ds.name, ds.files)
 
 
 class MixtureDataset(torch.utils.data.Dataset):
@@ -1627,24 +1891,25 @@ def build_mixture(name: str, root: str | None, split: str = "train", num_points:
                   workers: int | None = None) -> MixtureDataset:
     """The sources of `name`/`root` (parse_sources), each built as alone, concatenated; prints the table."""
     pairs = parse_sources(name, root)
-    known = set(DATASETS) | set(MESH_SOURCES) | {"omniobject3d", "s3dis_objects"}
+    known = set(DATASETS) | set(MESH_SOURCES) | set(POINT_SOURCES)
     for s, r in pairs:                       # everything checked before any source is read
         if s not in known:
             raise DataFileError(root or name, f"unknown source {s!r}; choose from {sorted(known)}")
         if r is not None and not os.path.exists(r):
             raise DataFileError(r, f"root of source {s} does not exist")
-        if r is None and (s in MESH_SOURCES or s in ("omniobject3d", "s3dis_objects")):
+        if r is None and (s in MESH_SOURCES or s in POINT_SOURCES):
             raise DataFileError(name, f"source {s} needs a root folder")
+        if s == "sunrgbd_objects":
+            check_sunrgbd_root(r)
     sources = []
     for s, r in pairs:
-        if s in MESH_SOURCES:
-            ds = build_mesh_source(s, r, num_points, skip_bad, seed)
-        elif s == "omniobject3d":
-            ds = build_omniobject3d(r, num_points, skip_bad, sampling, seed)
-        elif s == "s3dis_objects":
-            ds = build_s3dis_objects(r, num_points, skip_bad, seed)
+        if s in MESH_SOURCES or s in POINT_SOURCES:
+            ds = build_source(s, r, num_points, skip_bad, sampling, seed)
         else:
-            ds = build_dataset(s, r, split, num_points, download, skip_bad, sampling, seed, workers=workers)
+            ds = build_dataset(s, r, split, num_points, download, skip_bad, sampling, seed, workers=workers,
+                               memmap=True)
+            if not isinstance(ds.points, np.memmap) and s != "shapes":   # ScanObjectNN h5, few-shot pickles
+                ds = stream_array(ds, default_cache_dir(r) if r else os.path.join("data", f"{s}_cache"))
         sources.append((s, r or "(default)", ds))
     # NOTE: (departure 21) official keeps each source's stored count (ScanObjectNN 2048, meshes 16384) and
     # subsamples / pads per batch (data_module_zarr.py: UniformSampleArrays, pad_to_length); batches here

@@ -2015,6 +2015,235 @@ def test_s3dis_objects_reader_drops_small_objects_and_names_bad_files(tmp_path):
         data.build_dataset("s3dis_objects", str(base))
 
 
+def _extent(points):
+    points = np.asarray(points)
+    return points.max(0) - points.min(0)
+
+
+def write_official_mesh_layouts(root: Path):
+    """Tiny trees in the layouts the official builders read (box meshes of extents (1, 2, 3)):
+    ScannedObjects/<object>.zip with meshes/model.obj (one zip without it); toys4k_obj_files.zip with
+    toys4k_obj_files/<category>/<object>/mesh.obj; 3D-Future/3D-FUTURE-model-part{1,2}.zip with
+    <part>/<model id>/normalized_model.obj beside raw_model.obj and a __MACOSX copy; ABO/abo-3dmodels.tar
+    with 3dmodels/original/<x>/<id>.glb."""
+    import tarfile
+    trimesh = pytest.importorskip("trimesh")
+    box = trimesh.creation.box(extents=(1, 2, 3))
+    obj, glb = box.export(file_type="obj"), box.export(file_type="glb")
+    (root / "ScannedObjects").mkdir()
+    for name in ("Bowl_A", "Shoe_B"):
+        with zipfile.ZipFile(root / "ScannedObjects" / f"{name}.zip", "w") as z:
+            z.writestr("meshes/model.obj", obj)
+            z.writestr("meshes/model.mtl", "newmtl material_0\n")
+            z.writestr("materials/textures/texture.png", b"\x89PNG")
+            z.writestr("model.sdf", "<sdf/>")
+    with zipfile.ZipFile(root / "ScannedObjects" / "Empty_C.zip", "w") as z:
+        z.writestr("model.sdf", "<sdf/>")                                    # no meshes/model.obj: bad
+    (root / "ScannedObjects" / "Broken_D.zip").write_bytes(b"PK cut short")      # not a zip: bad
+    with zipfile.ZipFile(root / "toys4k_obj_files.zip", "w") as z:
+        for cat, name in (("airplane", "airplane_000"), ("cup", "cup_012")):
+            z.writestr(f"toys4k_obj_files/{cat}/{name}/mesh.obj", obj)
+            z.writestr(f"toys4k_obj_files/{cat}/{name}/mesh.mtl", "")
+    (root / "3D-Future").mkdir()
+    for part, ids in ((1, ("0a1b", "0c2d")), (2, ("ff00",))):
+        with zipfile.ZipFile(root / "3D-Future" / f"3D-FUTURE-model-part{part}.zip", "w") as z:
+            for i in ids:
+                z.writestr(f"3D-FUTURE-model-part{part}/{i}/normalized_model.obj", obj)
+                z.writestr(f"3D-FUTURE-model-part{part}/{i}/raw_model.obj", obj)      # not read (official)
+                z.writestr(f"__MACOSX/3D-FUTURE-model-part{part}/{i}/._normalized_model.obj", b"\0")
+            if part == 1:
+                z.writestr("3D-FUTURE-model-part1/model_info.json", json.dumps([{"model_id": i} for i in ids]))
+    (root / "ABO").mkdir()
+    with tarfile.open(root / "ABO" / "abo-3dmodels.tar", "w") as tar:
+        for i, name in enumerate(("B01LR5RSG0", "B07B4YH3TS", "B075X4N3JJ")):
+            info = tarfile.TarInfo(f"3dmodels/original/{i}/{name}.glb")
+            info.size = len(glb)
+            tar.addfile(info, io.BytesIO(glb))
+    return root
+
+
+@pytest.mark.parametrize("source, root, count, axes", [
+    ("scannedobjects", "ScannedObjects", 2, (1, 2, 3)),          # official ScannedObjectsBuilder: as stored
+    ("toys4k", "toys4k_obj_files.zip", 2, (3, 1, 2)),            # official Toys4KBuilder: [2, 0, 1]
+    ("3dfuture", "3D-Future", 3, (3, 1, 2)),                     # official Future3DBuilder: [2, 0, 1]
+    ("abo", "ABO", 3, (3, 1, 2)),                                # official ABOBuilder: [2, 0, 1]
+])
+def test_mesh_sources_read_their_official_layouts(tmp_path, source, root, count, axes):
+    write_official_mesh_layouts(tmp_path)
+    skip_bad = source == "scannedobjects"
+    if skip_bad:                                                 # a broken zip, a zip without meshes/model.obj
+        with pytest.raises(data.DataFileError, match="Broken_D.zip: not a readable zip archive.*--skip-bad"):
+            data.build_dataset(source, str(tmp_path / root))
+        with pytest.warns(UserWarning) as caught:
+            ds = data.build_dataset(source, str(tmp_path / root), skip_bad=True)
+        names = [str(w.message) for w in caught]
+        assert len(names) == 2 and "Broken_D.zip: not a readable zip" in names[0] and "Empty_C.zip:" in names[1]
+        (tmp_path / root / "Broken_D.zip").unlink()
+        with pytest.raises(data.DataFileError, match="Empty_C.zip:meshes/model.obj: missing from the archive"):
+            data.build_dataset(source, str(tmp_path / root), num_points=64)
+    else:
+        ds = data.build_dataset(source, str(tmp_path / root))
+    assert len(ds) == count and ds.points.shape[1:] == (16384, 3)    # official num_pre_sample_points
+    for p in ds.points:
+        assert _extent(p) == pytest.approx(axes, abs=0.02)
+    assert not any("raw_model" in f or "__MACOSX" in f or f.endswith(".mtl") for f in ds.files), ds.files
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files through /proc")
+def test_source_files_hold_one_archive_open_at_a_time(tmp_path):
+    """A Google Scanned Objects download is about 1000 zips: listing and reading them must not keep
+    one file handle per zip open (the default limit is 1024)."""
+    for i in range(40):
+        with zipfile.ZipFile(tmp_path / f"object_{i:02d}.zip", "w") as z:
+            z.writestr("meshes/model.obj", f"v {i} 0 0\n")
+    before = len(os.listdir("/proc/self/fd"))
+    files = data.SourceFiles(str(tmp_path), ("meshes/model.obj",), "meshes/model.obj")
+    assert len(files.keys) == 40 and len(os.listdir("/proc/self/fd")) <= before + 1
+    assert [files.read(k) for k in files.keys] == [f"v {i} 0 0\n".encode() for i in range(40)]
+    assert len(os.listdir("/proc/self/fd")) <= before + 2
+
+
+def test_objaverse_cap3d_zips_read_in_place_and_the_official_point_rule(tmp_path):
+    trimesh = pytest.importorskip("trimesh")
+    rng = np.random.default_rng(0)
+    cloud = lambda k: rng.uniform(-0.5, 0.5, (k, 3)) * (1, 2, 3)
+    nan = cloud(3000)
+    nan[5] = np.nan
+    few_unique = np.repeat(cloud(100), 30, axis=0)                     # 3000 points, 100 distinct
+    clouds = {"uid_ok": cloud(3000), "uid_small": cloud(2500), "uid_few": cloud(1500), "uid_nan": nan,
+              "uid_dup": few_unique}
+    zips = tmp_path / "objaverse" / "PointCloud_zips"
+    zips.mkdir(parents=True)
+    with zipfile.ZipFile(zips / "compressed_pcs_00.zip", "w") as z:   # the Cap3D layout, read without unpacking
+        for uid, pts in clouds.items():
+            z.writestr(f"Cap3D_pcs/{uid}.ply", trimesh.PointCloud(pts, process=False).export(file_type="ply"))
+    ds = data.build_dataset("objaverse", str(tmp_path / "objaverse"), num_points=2048)
+    kept = [f.split("/")[-1] for f in ds.files]
+    assert kept == ["uid_ok.ply", "uid_small.ply"], kept              # < 2048 points, NaN, < 2048 unique: left out
+    assert all(":Cap3D_pcs/" in f and "compressed_pcs_00.zip" in f for f in ds.files)
+    assert _extent(ds.points[0]) == pytest.approx([1, 2, 3], abs=0.05)   # Cap3D: as stored
+    (tmp_path / "objaverse" / "lvis-annotations.json").write_text(json.dumps({"mug": ["uid_ok", "uid_small", "uid_nan"]}))
+    lvis = data.build_dataset("objaverse_lvis", str(tmp_path / "objaverse"), "test", shot=1)   # uids inside the zip
+    assert len(lvis) == 1 and lvis.classes == ["mug"] and lvis.points.shape[1:] == (1024, 3)
+    big = data.build_dataset("objaverse", str(tmp_path / "objaverse"), num_points=4096)
+    row = big.points[1]                                                # 2500 points: the rest drawn again
+    assert row.shape == (4096, 3) and len(np.unique(row, axis=0)) == 2500
+    assert np.isin(row[:, 0], clouds["uid_small"][:, 0].astype(np.float32)).all()
+    # the official unique-point rule itself: tolerance 1e-6 x the largest extent, counted as np.unique does
+    for pts in (cloud(5000), few_unique, np.round(cloud(3000), 2), cloud(3000) * (1, 1e-7, 1) + 100):
+        pts = pts.astype(np.float32)
+        tol = float(np.max(pts.max(0) - pts.min(0))) * 1e-6
+        assert data.distinct_rounded(pts, tol) == len(np.unique(np.round(pts / tol) * tol, axis=0))
+    flat = np.zeros((4000, 3), np.float32)
+    flat[:, 0] = np.arange(4000) * 1e-3
+    assert data.objaverse_rule(flat, rng) is not None
+    flat[:, 0] = np.arange(4000) % 2000 * 1e-3                         # 2000 distinct positions
+    assert data.objaverse_rule(flat, rng) is None
+    assert data.objaverse_rule(np.zeros((4000, 3), np.float32), rng) is None   # zero extent
+    assert len(data.objaverse_rule(cloud(20000).astype(np.float32), rng)) == 16384
+
+
+def test_sunrgbd_depth_points_decoding_axes_and_tilt():
+    """official rgbd_to_pc: PNG value rotated right by 3 bits = mm, capped at 8 m, 0 = no depth;
+    pixel (x, y) at d -> ((x - cx) d / fx, d, -(y - cy) d / fy), then Rtilt applied."""
+    Image = pytest.importorskip("PIL.Image")
+    mm = np.array([[1000, 0], [9000, 2500]], np.uint16)
+    raw = ((mm.astype(np.uint32) << 3 | mm >> 13) & 0xFFFF).astype(np.uint16)      # 9000 mm sets a low bit
+    png = io.BytesIO()
+    Image.fromarray(raw).save(png, format="PNG")
+    K = np.array([[2.0, 0, 0.5], [0, 4.0, 0.5], [0, 0, 1]])
+    tilt = np.array([[0.0, -1, 0], [1, 0, 0], [0, 0, 1]])                         # 90 degrees about z
+    got = data.sunrgbd_depth_points(png.getvalue(), K, tilt, "d.png")
+    want = [(x, y, min(mm[y, x] / 1000, 8.0)) for y in range(2) for x in range(2) if mm[y, x]]
+    want = np.array([tilt @ ((x - 0.5) * d / 2, d, -(y - 0.5) * d / 4) for x, y, d in want])
+    assert np.allclose(got, want, atol=1e-6)
+    with pytest.raises(data.DataFileError, match="d.png: not a readable PNG"):
+        data.sunrgbd_depth_points(b"nope", K, tilt, "d.png")
+
+
+def test_sunrgbd_objects_cut_by_boxes_axes_counts_and_bad_files(tmp_path):
+    pytest.importorskip("scipy")
+    Image = pytest.importorskip("PIL.Image")
+    import scipy.io
+    root = tmp_path / "SUNRGBD"
+    root.mkdir()
+    # two 128 x 192 px frames (fx = fy = 100, centre (96, 64)): upper half at 2 m, lower half at 3 m
+    H, W = 128, 192
+    mm = np.full((H, W), 2000, np.uint16)
+    mm[H // 2:] = 3000
+    mm[0] = 0                                                          # row 0 has no depth
+    png = io.BytesIO()
+    Image.fromarray(mm << 3).save(png, format="PNG")                   # SUN RGB-D stores mm << 3
+    K = np.array([[100.0, 0, 96], [0, 100, 64], [0, 0, 1]])
+    box = lambda c, h: (np.array([c], float), np.array([h], float))
+    up = box((0, 2, 0.4), (0.81, -0.1, 0.31))   # upper half at 2 m: 81 x 31 = 2511 points (|coeffs| used)
+    frames = [("kv1/NYUdata/NYU0001", [up, box((0, 3, -0.4), (0.21, 0.1, 0.21)),   # 15 x 15 = 225 points
+                                       box((0, 2, -0.4), (0.81, 0.1, 0.31))]),      # lower half is at 3 m: none
+              ("kv1/NYUdata/NYU0002", [up]),                                       # a test frame
+              ("kv1/NYUdata/NYU0003", [])]                                         # no boxes
+    meta = np.empty((1, 3), [("sequenceName", "O"), ("depthpath", "O"), ("K", "O"), ("Rtilt", "O"),
+                             ("groundtruth3DBB", "O")])
+    for i, (seq, boxes) in enumerate(frames):
+        bb = np.empty((1, len(boxes)), [("centroid", "O"), ("coeffs", "O")])
+        for j, b in enumerate(boxes):
+            bb[0, j] = b
+        meta[0, i] = (f"SUNRGBD/{seq}", f"/n/fs/sun3d/data/SUNRGBD/{seq}/depth_bfx/{seq[-7:]}.png", K, np.eye(3),
+                      bb if boxes else np.zeros((0, 0)))
+    scipy.io.savemat(root / "SUNRGBDMeta3DBB_v2.mat", {"SUNRGBDMeta": meta})
+    cell = lambda seqs: np.array([[f"/n/fs/sun3d/data/SUNRGBD/kv1/NYUdata/{s}" for s in seqs]], dtype=object)
+    split = io.BytesIO()
+    scipy.io.savemat(split, {"alltrain": cell(["NYU0001", "NYU0003"]), "alltest": cell(["NYU0002"])})
+    with zipfile.ZipFile(root / "SUNRGBDtoolbox.zip", "w") as z:
+        z.writestr("SUNRGBDtoolbox/traintestSUNRGBD/allsplit.mat", split.getvalue())
+    with zipfile.ZipFile(root / "SUNRGBD.zip", "w") as z:
+        for seq, _ in frames[:2]:
+            z.writestr(f"SUNRGBD/{seq}/depth_bfx/{seq[-7:]}.png", png.getvalue())
+
+    ds = data.build_dataset("sunrgbd_objects", str(root))
+    assert ds.files == ["kv1_NYUdata_NYU0001_0"] and ds.points.shape == (1, 2048, 3)   # under 2048: left out
+    p = ds.points[0]                                  # (x, depth, up): the upper image half is z > 0
+    assert np.allclose(p[:, 1], 2) and p[:, 2].min() >= 0.1 - 1e-6 and p[:, 2].max() <= 0.7 + 1e-6
+    assert _extent(p)[0] == pytest.approx(1.6, abs=1e-5)
+    assert len(data.build_dataset("sunrgbd_objects", str(root), num_points=2511)) == 1    # every point of the box
+    with pytest.raises(data.DataFileError, match="no readable shapes"):                  # 2512 > 2511: left out
+        data.build_dataset("sunrgbd_objects", str(root), num_points=2512)
+    with zipfile.ZipFile(root / "SUNRGBD.zip") as z:                                     # SUNRGBD.zip extracted
+        z.extractall(root)
+    (root / "SUNRGBD.zip").rename(tmp_path / "frames.zip")
+    assert np.array_equal(data.build_dataset("sunrgbd_objects", str(root)).points, ds.points)
+    (tmp_path / "frames.zip").rename(root / "SUNRGBD.zip")
+    meshes, _ = write_mesh_sources(tmp_path)                                             # a Mixture source
+    mix = data.build_dataset("sunrgbd_objects+meshes", f"{root},{meshes}", num_points=2048)
+    assert len(mix) == 1 + 6 and mix.files[0] == "sunrgbd_objects: kv1_NYUdata_NYU0001_0"
+    with zipfile.ZipFile(root / "SUNRGBD.zip", "a") as z:                                # a damaged depth map
+        z.writestr("SUNRGBD/kv1/NYUdata/NYU0003/depth_bfx/NYU0003.png", b"not a png")
+    meta[0, 2]["groundtruth3DBB"] = np.array([[up]], [("centroid", "O"), ("coeffs", "O")])
+    scipy.io.savemat(root / "SUNRGBDMeta3DBB_v2.mat", {"SUNRGBDMeta": meta})
+    with pytest.raises(data.DataFileError, match="NYU0003.png: not a readable PNG depth map"):
+        data.build_dataset("sunrgbd_objects", str(root))
+    with pytest.warns(UserWarning, match="NYU0003.png"):
+        assert len(data.build_dataset("sunrgbd_objects", str(root), skip_bad=True)) == 1
+    (root / "SUNRGBDtoolbox.zip").rename(tmp_path / "elsewhere.zip")
+    with pytest.raises(data.DataFileError, match="SUNRGBDtoolbox.zip: missing"):
+        data.build_dataset("sunrgbd_objects", str(root))
+
+
+def test_mixture_keeps_every_source_memory_mapped(tmp_path):
+    """ModelNet40's small cache and ScanObjectNN's h5 rows, in RAM when read alone, are memory-mapped
+    .npy files inside a mixture, with the same clouds."""
+    pytest.importorskip("h5py")
+    write_scanobjectnn(tmp_path / "ScanObjectNN" / "h5_files", points=64)
+    mn = write_modelnet_folder(tmp_path / "mn")
+    alone = [data.build_dataset("modelnet40", str(mn), num_points=64),
+             data.build_dataset("scanobjectnn_objbg", str(tmp_path / "ScanObjectNN"))]
+    assert not any(isinstance(ds.points, np.memmap) for ds in alone)
+    mix = data.build_dataset("modelnet40+scanobjectnn_objbg", f"{mn},{tmp_path / 'ScanObjectNN'}", num_points=64)
+    for (_, _, ds), ref in zip(mix.sources, alone):
+        assert isinstance(ds.points, np.memmap) and np.array_equal(ds.points, ref.points)
+        assert ds.labels.tolist() == ref.labels.tolist()
+    assert list((tmp_path / "ScanObjectNN_cache").glob("scanobjectnn_objbg_64pts_*.npy"))
+
+
 def _clouds(n_points):
     return lambda key: np.full((n_points, 3), float(key), np.float32)
 
