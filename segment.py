@@ -76,7 +76,9 @@ def patchify_real(points: torch.Tensor, num_points: torch.Tensor, num_patches: i
 # ----------------------------------------------------------------------------------------------
 
 class PointBatchNorm(nn.BatchNorm1d):
-    """BatchNorm1d over batch x points of a (B, N, D) tensor (official TransposeBatchNorm1d)."""
+    """BatchNorm1d over batch x points of a (B, N, D) tensor (official TransposeBatchNorm1d). The same
+    statistics and affine map; official feeds BatchNorm1d the (B, D, N) transpose, here the (B*N, D)
+    rows, several times faster on CPU (RESULTS.md §11), rounding differently by at most 1 ulp."""
 
     def forward(self, x):                                              # (B, N, D) -> (B, N, D)
         return super().forward(x.flatten(0, 1)).view_as(x)

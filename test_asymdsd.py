@@ -1092,8 +1092,10 @@ def test_oracle_partseg_model_matches_official():
                 continue
             close(m(x), sub[f"segmentation_head.{j}"])
             x = sub[f"segmentation_head.{j}"]
-    # end to end: the encoder's 3e-6 (SDPA vs nn.MultiheadAttention) is amplified by the BatchNorms
-    torch.testing.assert_close(logits, io["logits"], atol=5e-5, rtol=0)
+    # End to end, fp32 rounding on the CPU that wrote the file sets the floor: the official code itself,
+    # re-run on an x86 CPU, misses these logits by 1.1e-5 to 2.3e-5 across MKL/ATen instruction sets,
+    # ours by 1.2e-5 to 2.4e-5 (RESULTS.md section 11).
+    torch.testing.assert_close(logits, io["logits"], atol=3e-5, rtol=0)
     assert (logits.argmax(-1) == io["logits"].argmax(-1)).float().mean() > 0.999
     torch.testing.assert_close(torch.nn.functional.cross_entropy(logits.transpose(1, 2), io["semantic_labels"].long()),
                                io["loss_eval"], atol=1e-5, rtol=0)
