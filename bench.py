@@ -207,9 +207,10 @@ def counted_flops(fn) -> int:
 # ----------------------------------------------------------------------------------------------
 
 def setup_step(preset: str, B: int, device, precision: str, compile: bool, source_points: int, seed: int = 0,
-               grad_checkpoint: bool = False):
+               grad_checkpoint: bool = False, overrides: dict | None = None):
     """Model, AdamW (as train() builds it), a random batch and a closure running one train_step."""
-    cfg = dataclasses.replace(A.Config(**A.PRESETS[preset]), batch_size=B, grad_checkpoint=grad_checkpoint)
+    cfg = dataclasses.replace(A.Config(**A.PRESETS[preset]), batch_size=B, grad_checkpoint=grad_checkpoint,
+                              **(overrides or {}))
     torch.manual_seed(seed)
     model = A.AsymDSD(cfg).to(device)
     optimizer = A.build_optimizer(model, cfg)
@@ -237,7 +238,7 @@ def step_activations_mb(cfg, model, B, device, amp_dtype, source_points) -> floa
 
 def bench_step_config(preset: str, B: int, device: str = "cpu", precision: str = "auto", compile: bool = False,
                       repeats: int = 3, warmup: int = 1, source_points: int = 16384, count: bool = False,
-                      threads: int = 0, grad_checkpoint: bool = False) -> dict:
+                      threads: int = 0, grad_checkpoint: bool = False, overrides: dict | None = None) -> dict:
     """Time, memory and FLOPs of train_step for one (preset, batch size). Runs in its own process on CPU."""
     if threads:
         torch.set_num_threads(threads)
@@ -247,7 +248,8 @@ def bench_step_config(preset: str, B: int, device: str = "cpu", precision: str =
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 (official train_ssrl.sh: CUDA_MATMUL_TF32=high)
     rss0 = rss_mb()
-    cfg, model, step = setup_step(preset, B, device, precision, compile, source_points, grad_checkpoint=grad_checkpoint)
+    cfg, model, step = setup_step(preset, B, device, precision, compile, source_points, grad_checkpoint=grad_checkpoint,
+                                  overrides=overrides)
     warm = [time_once(step, device) for _ in range(warmup)]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -260,7 +262,7 @@ def bench_step_config(preset: str, B: int, device: str = "cpu", precision: str =
     peak = matmul_flops_per_s(device, amp or torch.float32, 4096 if device.type == "cuda" else 1536)
     flops = step_flops(cfg, B)
     t = summarize(times)
-    out = {"preset": preset, "batch_size": B, "device": str(device), "precision": str(amp or "fp32"),
+    out = {"preset": preset, "batch_size": B, "overrides": overrides or {}, "device": str(device), "precision": str(amp or "fp32"),
            "compile": compile, "grad_checkpoint": grad_checkpoint, "source_points": source_points, "warmup_s": [round(w, 4) for w in warm], **t,
            "cpu_s_per_step": cpu_per_step, "samples_per_s": B / t["median_s"], "peak_mem_mb": mem,
            "saved_activations_mb": acts,
@@ -485,6 +487,108 @@ def phase_times(preset, B, device, precision, source_points, repeats) -> dict:
         for k, a, b in zip(parts, t, t[1:]):
             parts[k] += [b - a] if i else []
     return {k: statistics.median(v) for k, v in parts.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# 4b. Scaling: step time and memory against batch size and points per cloud, patchify against N*G
+# ----------------------------------------------------------------------------------------------
+
+def points_overrides(n: int) -> dict:
+    """Crops of n points, with the patch count scaled as the official configs scale it for larger
+    inputs: G = n / 16 patches of 32 (64 for 1024 points; 512 for 8192, finetune_ModelNet40_8k.yaml),
+    and the local crops a quarter of that."""
+    return {"global_points": n, "global_patches": n // 16, "local_points": n // 4, "local_patches": n // 64}
+
+
+def run_scaling(args) -> dict:
+    """The paper preset's training step against batch size (--batch-sizes, default 8 16 32 64) and
+    against points per crop (--crop-points, default 1024 2048 4096 at the first batch size), each
+    setting in a fresh process; then patchify against N and G. Writes a table and --plot PNG."""
+    preset = args.presets[0]
+    base = A.Config(**A.PRESETS[preset])
+    by_batch, by_points = [], []
+    for B in args.batch_sizes:
+        by_batch.append(run_isolated(bench_step_config, preset=preset, B=B, device=args.device, precision="fp32",
+                                     repeats=args.repeats, warmup=args.warmup, source_points=args.source_points,
+                                     threads=args.threads))
+        print_step_row(by_batch[-1])
+    for n in args.crop_points:
+        row = next((r for r in by_batch if r["batch_size"] == args.batch_sizes[0]), None) if n == base.global_points else None
+        if row is None:
+            row = run_isolated(bench_step_config, preset=preset, B=args.batch_sizes[0], device=args.device,
+                               precision="fp32", repeats=args.repeats, warmup=args.warmup,
+                               source_points=max(args.source_points, n), threads=args.threads,
+                               overrides=points_overrides(n))
+        by_points.append({**row, "crop_points": n})
+        print_step_row(row)
+    patch = run_patchify(args)
+    out = {"preset": preset, "crop_points": base.global_points, "patches": base.global_patches,
+           "by_batch": by_batch, "by_points": by_points, "patchify": patch}
+    print(scaling_table(out))
+    if args.plot:
+        plot_scaling(out, args.plot)
+    return out
+
+
+def scaling_table(res: dict) -> str:
+    """Markdown: step time, time per sample and peak memory by batch and by crop size; patchify time
+    and its time per N*G (constant where the growth is O(N*G))."""
+    b0 = res["by_batch"][0]
+    lines = ["| batch | points per crop | patches | step (s) | s per sample | vs linear in batch | peak RSS (MiB) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in res["by_batch"]:
+        linear = b0["median_s"] * r["batch_size"] / b0["batch_size"]
+        lines.append(f"| {r['batch_size']} | {res['crop_points']} | {res['patches']} | {r['median_s']:.2f} | {r['median_s'] / r['batch_size']:.3f} | "
+                     f"{r['median_s'] / linear:.2f} | {r['peak_mem_mb']:.0f} |")
+    p0 = res["by_points"][0]
+    for r in res["by_points"][1:]:
+        G = r["overrides"].get("global_patches", res["patches"])
+        lines.append(f"| {r['batch_size']} | {r['crop_points']} | {G} | {r['median_s']:.2f} | "
+                     f"{r['median_s'] / r['batch_size']:.3f} | {r['median_s'] / p0['median_s']:.2f}x the {p0['crop_points']}-point step | "
+                     f"{r['peak_mem_mb']:.0f} |")
+    rows = res["patchify"]["rows"]
+    lines += ["", "| N | G | FPS (ms) | kNN (ms) | FPS per N*G (ns) | kNN per N*G (ns) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        ng = r["N"] * r["G"] * r["B"]
+        lines.append(f"| {r['N']} | {r['G']} | {r['fps_s'] * 1e3:.1f} | {r['knn_s'] * 1e3:.1f} | "
+                     f"{r['fps_s'] / ng * 1e9:.2f} | {r['knn_s'] / ng * 1e9:.2f} |")
+    return "\n".join(lines)
+
+
+def plot_scaling(res: dict, path: str):
+    """Three panels: step time and peak memory against batch, against points per crop, and patchify
+    time against N*G on log axes with an O(N*G) line through the smallest point."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4.2))
+    for a, rows, key, label in ((ax[0], res["by_batch"], "batch_size", f"batch size ({res['crop_points']}-point crops)"),
+                                (ax[1], res["by_points"], "crop_points", "points per global crop (patches = points / 16)")):
+        xs = [r[key] for r in rows]
+        a.plot(xs, [r["median_s"] for r in rows], "o-", color="C0", label="step time")
+        a.plot(xs, [rows[0]["median_s"] * x / xs[0] for x in xs], ":", color="C0", label="linear")
+        a.set_xlabel(label)
+        a.set_ylabel("seconds per step", color="C0")
+        a.set_xscale("log", base=2)
+        a.set_xticks(xs, [str(x) for x in xs])
+        m = a.twinx()
+        m.plot(xs, [r["peak_mem_mb"] / 1024 for r in rows], "s--", color="C1", label="peak RSS")
+        m.set_ylabel("peak memory (GiB)", color="C1")
+        a.legend(loc="upper left")
+    rows = res["patchify"]["rows"]
+    ng = [r["N"] * r["G"] for r in rows]
+    for op, c in (("fps", "C2"), ("knn", "C3")):
+        ax[2].loglog(ng, [r[f"{op}_s"] for r in rows], "o", color=c, label=op.upper())
+        i = int(np.argmin(ng))
+        ax[2].loglog(sorted(ng), [rows[i][f"{op}_s"] * x / ng[i] for x in sorted(ng)], ":", color=c)
+    ax[2].set_xlabel("N x G (points x centres)")
+    ax[2].set_ylabel("seconds per batch")
+    ax[2].set_title("patchify; dotted: O(N G) from the smallest", fontsize=9)
+    ax[2].legend()
+    fig.suptitle(f"{res['preset']} preset training step on the CPU (fp32); patchify batch {res['patchify']['batch_size']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -747,7 +851,7 @@ def run_params(args) -> list:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("what", choices=["step", "ab", "gpu", "patchify", "predictor", "profile", "params", "cache", "all"])
+    p.add_argument("what", choices=["step", "ab", "gpu", "scaling", "patchify", "predictor", "profile", "params", "cache", "all"])
     p.add_argument("--shapes", type=int, default=200, help="cache: synthetic meshes to cache (not part of 'all')")
     p.add_argument("--presets", nargs="+", default=None, choices=sorted(A.PRESETS), help="default: paper tiny")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=None,
@@ -777,6 +881,9 @@ def parse_args(argv=None):
                    "with busy processes use 1: OpenMP regions with 2 threads stall when a core is taken")
     p.add_argument("--baseline", default=None, help="ab: a checkout of the code to compare this one with")
     p.add_argument("--alternations", type=int, default=5, help="ab: rounds of (baseline, this), order swapped each round")
+    p.add_argument("--crop-points", nargs="+", type=int, default=[1024, 2048, 4096],
+                   help="scaling: points per global crop (patches scaled to points / 16)")
+    p.add_argument("--plot", default=None, help="scaling: write the PNG plot here")
     p.add_argument("--e2e-steps", type=int, default=48, help="gpu: steps of the end-to-end (data loading) runs")
     p.add_argument("--workers", type=int, default=8, help="gpu: DataLoader workers of the end-to-end runs")
     p.add_argument("--json", default=None, help="write the results here")
@@ -784,6 +891,9 @@ def parse_args(argv=None):
     args.device = str(A.resolve_device(args.device))
     cpu = args.device == "cpu"
     args.presets_given = args.presets
+    if args.what == "scaling":
+        args.presets = args.presets or ["paper"]
+        args.batch_sizes = args.batch_sizes or [8, 16, 32, 64]
     args.budget_s = args.budget_s if args.budget_s is not None else (450.0 if args.what == "gpu" else 20.0)
     args.compile_given, args.grad_checkpoint_given = args.compile, args.grad_checkpoint
     args.presets = args.presets or ["paper", "tiny"]
@@ -840,10 +950,10 @@ def main(argv=None):
     if args.what == "params":  # counts only: no timing, nothing to add to "all"
         results["params"] = run_params(args)
         return results
-    jobs = {"step": run_step, "ab": run_ab, "gpu": run_gpu, "patchify": run_patchify, "predictor": run_predictor, "profile": run_profile}
+    jobs = {"step": run_step, "ab": run_ab, "gpu": run_gpu, "scaling": run_scaling, "patchify": run_patchify, "predictor": run_predictor, "profile": run_profile}
     if args.what == "cache":
         jobs["cache"] = run_cache
-    for name in ([j for j in jobs if j not in ("ab", "gpu")] if args.what == "all" else [args.what]):
+    for name in ([j for j in jobs if j not in ("ab", "gpu", "scaling")] if args.what == "all" else [args.what]):
         results[name] = jobs[name](args)
     if args.json:
         with open(args.json, "w") as f:
