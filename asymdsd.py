@@ -77,11 +77,38 @@ def trunc_normal_(tensor, std: float, a: float = -2.0, b: float = 2.0):
 def rms_norm(x, weight, eps: float):
     """x * rsqrt(mean(x^2) + eps) * w over the last dim (official asymdsd/layers/normalization.py).
     F.rms_norm (torch >= 2.4; one fused kernel on recent GPUs) where it exists; before 2.4 the same
-    formula written out, in fp32 and returned in x's dtype, which is what F.rms_norm computes on CPU."""
+    formula written out, in fp32 and returned in x's dtype, which is what F.rms_norm computes on CPU.
+    A CPU training pass uses RMSNormCPU, whose backward is written out."""
+    if x.device.type == "cpu" and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return RMSNormCPU.apply(x, weight, eps)
     if hasattr(F, "rms_norm"):
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
     h = x.float()
     return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).type_as(x)
+
+
+class RMSNormCPU(torch.autograd.Function):
+    """RMSNorm with its gradient written out, for CPU training. The same forward as F.rms_norm; the
+    backward keeps only x and the per-row scale r (autograd's composite keeps another tensor of x's
+    size) and makes fewer passes over x: the tokenizer's (B*C*G*K, 512) activations make this about 3%
+    of a CPU step. Computed in fp32, returned in x's dtype.
+    y = x r w with r = rsqrt(mean(x^2) + eps);  dL/dx = r (g w) - x r^3 mean(g w x);  dL/dw = sum g x r"""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        h, w = x.float(), weight.float()
+        r = torch.rsqrt(h.square().mean(-1, keepdim=True) + eps)          # (..., 1)
+        ctx.save_for_backward(h, w, r)
+        return (h * r * w).type_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, w, r = ctx.saved_tensors
+        gw = grad.float() * w                                               # (..., C)
+        dot = torch.linalg.vecdot(gw, h, dim=-1).unsqueeze(-1)              # (..., 1): sum_c g w x
+        grad_x = torch.addcmul(gw * r, h, dot * r.pow(3) / -h.shape[-1])
+        grad_w = (grad.float() * h).flatten(0, -2).T @ r.flatten()          # (C,)
+        return grad_x.type_as(grad), grad_w.type_as(grad), None
 
 
 class Dropout(nn.Module):
