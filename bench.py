@@ -52,6 +52,9 @@ from torch.utils.flop_counter import FlopCounterMode
 import asymdsd as A
 
 H100_BF16_PEAK = 989e12  # dense (no sparsity) bf16 tensor-core FLOP/s, H100 SXM datasheet
+# Dense bf16 / fp16 tensor-core datasheet peaks (FLOP/s, no sparsity), matched on the GPU's name.
+BF16_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
+              "RTX 4090": 165e12, "RTX 3090": 71e12}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,6 +94,13 @@ def rss_mb() -> float:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def run_isolated(fn, **kwargs):
+    """fn(**kwargs) in a fresh spawned process: its own peak memory, and a crash or an out-of-memory
+    error there is an exception here."""
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
+        return ex.submit(fn, **kwargs).result()
 
 
 def saved_activations_mb(fn, params) -> float:
@@ -138,17 +148,19 @@ def predictor_macs(cfg: A.Config, Tc: int, Q: int) -> int:
 
 
 def tokenizer_macs(cfg: A.Config) -> int:
-    """One patch through the tokenizer: every Linear per point; block 2 (S) and each later stage (B, L)
-    take the concat [point, pooled], twice the previous width."""
+    """One patch through the tokenizer: every Linear per point, except the pooled half of the first
+    Linear after each max-pool, which runs once per patch (asymdsd.linear_of_concat)."""
     K, D, dims = cfg.patch_size, cfg.embed_dim, cfg.tokenizer_dims
-    if all(isinstance(h, int) for h in dims):
+    if all(isinstance(h, int) for h in dims):    # S: 3 -> h1 -> h2 | pool | [h2 ; h2] -> h3 -> D
         h1, h2, h3 = dims
-        return K * (3 * h1 + h1 * h2 + 2 * h2 * h3 + h3 * D)
-    macs, width = 0, 3
-    for i, stage in enumerate(dims):
-        sizes = [width, *stage] + ([D] if i == len(dims) - 1 else [])
+        dims = ((h1, h2), (h3,))
+    stages = [[3, *dims[0]]] + [[prev[-1], *cur] for prev, cur in zip(dims, dims[1:])]
+    stages[-1].append(D)                         # each stage's widths, its input first
+    macs = 0
+    for i, sizes in enumerate(stages):
         macs += K * sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
-        width = 2 * sizes[-1]
+        if i > 0:                                # the pooled half of the first Linear, once per patch
+            macs += sizes[0] * sizes[1]
     return macs
 
 
@@ -195,9 +207,10 @@ def counted_flops(fn) -> int:
 # ----------------------------------------------------------------------------------------------
 
 def setup_step(preset: str, B: int, device, precision: str, compile: bool, source_points: int, seed: int = 0,
-               grad_checkpoint: bool = False):
+               grad_checkpoint: bool = False, overrides: dict | None = None):
     """Model, AdamW (as train() builds it), a random batch and a closure running one train_step."""
-    cfg = dataclasses.replace(A.Config(**A.PRESETS[preset]), batch_size=B, grad_checkpoint=grad_checkpoint)
+    cfg = dataclasses.replace(A.Config(**A.PRESETS[preset]), batch_size=B, grad_checkpoint=grad_checkpoint,
+                              **(overrides or {}))
     torch.manual_seed(seed)
     model = A.AsymDSD(cfg).to(device)
     optimizer = A.build_optimizer(model, cfg)
@@ -225,15 +238,18 @@ def step_activations_mb(cfg, model, B, device, amp_dtype, source_points) -> floa
 
 def bench_step_config(preset: str, B: int, device: str = "cpu", precision: str = "auto", compile: bool = False,
                       repeats: int = 3, warmup: int = 1, source_points: int = 16384, count: bool = False,
-                      threads: int = 0, grad_checkpoint: bool = False) -> dict:
+                      threads: int = 0, grad_checkpoint: bool = False, overrides: dict | None = None) -> dict:
     """Time, memory and FLOPs of train_step for one (preset, batch size). Runs in its own process on CPU."""
     if threads:
         torch.set_num_threads(threads)
     device = torch.device(device)
+    if device.type == "cpu":
+        A.keep_freed_memory()   # as train() does on a CPU
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 (official train_ssrl.sh: CUDA_MATMUL_TF32=high)
     rss0 = rss_mb()
-    cfg, model, step = setup_step(preset, B, device, precision, compile, source_points, grad_checkpoint=grad_checkpoint)
+    cfg, model, step = setup_step(preset, B, device, precision, compile, source_points, grad_checkpoint=grad_checkpoint,
+                                  overrides=overrides)
     warm = [time_once(step, device) for _ in range(warmup)]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -246,7 +262,7 @@ def bench_step_config(preset: str, B: int, device: str = "cpu", precision: str =
     peak = matmul_flops_per_s(device, amp or torch.float32, 4096 if device.type == "cuda" else 1536)
     flops = step_flops(cfg, B)
     t = summarize(times)
-    out = {"preset": preset, "batch_size": B, "device": str(device), "precision": str(amp or "fp32"),
+    out = {"preset": preset, "batch_size": B, "overrides": overrides or {}, "device": str(device), "precision": str(amp or "fp32"),
            "compile": compile, "grad_checkpoint": grad_checkpoint, "source_points": source_points, "warmup_s": [round(w, 4) for w in warm], **t,
            "cpu_s_per_step": cpu_per_step, "samples_per_s": B / t["median_s"], "peak_mem_mb": mem,
            "saved_activations_mb": acts,
@@ -254,8 +270,9 @@ def bench_step_config(preset: str, B: int, device: str = "cpu", precision: str =
            "params": param_counts(model), "flops_per_step": flops["total"], "flops_per_sample": flops["total"] / B,
            "flops_by_part": flops, "achieved_flops_per_s": flops["total"] / t["median_s"],
            "matmul_peak_flops_per_s": peak, "fraction_of_matmul_peak": flops["total"] / t["median_s"] / peak}
-    if device.type == "cuda" and "H100" in torch.cuda.get_device_name(device):
-        out["fraction_of_h100_bf16_peak"] = out["achieved_flops_per_s"] / H100_BF16_PEAK
+    if device.type == "cuda" and datasheet_peak(torch.cuda.get_device_name(device)):
+        out["gpu"] = torch.cuda.get_device_name(device)
+        out["fraction_of_datasheet_bf16_peak"] = out["achieved_flops_per_s"] / datasheet_peak(out["gpu"])
     if count:  # one extra step under FlopCounterMode
         out["flops_counted"] = counted_flops(lambda: step(eager=True))
         out["flops_analytic_over_counted"] = flops["total"] / out["flops_counted"]
@@ -278,8 +295,7 @@ def run_step(args) -> list:
                           repeats=args.repeats, warmup=args.warmup, source_points=args.source_points,
                           count=i == 0 and j == 0, threads=args.threads)
                 if torch.device(args.device).type == "cpu":
-                    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
-                        r = ex.submit(bench_step_config, **kw).result()
+                    r = run_isolated(bench_step_config, **kw)
                 else:
                     r = bench_step_config(**kw)
                 results.append(r)
@@ -440,6 +456,7 @@ def run_profile(args) -> dict:
 def phase_times(preset, B, device, precision, source_points, repeats) -> dict:
     """Median seconds of each part of a step, run as train_step runs them (synchronised after each,
     which adds syncs the real step does not have)."""
+    device = torch.device(device)
     cfg, model, _ = setup_step(preset, B, device, precision, False, source_points)
     opt = torch.optim.AdamW(model.student.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     amp = A.autocast_dtype(precision, device)
@@ -473,6 +490,343 @@ def phase_times(preset, B, device, precision, source_points, repeats) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# 4b. Scaling: step time and memory against batch size and points per cloud, patchify against N*G
+# ----------------------------------------------------------------------------------------------
+
+def points_overrides(n: int) -> dict:
+    """Crops of n points, with the patch count scaled as the official configs scale it for larger
+    inputs: G = n / 16 patches of 32 (64 for 1024 points; 512 for 8192, finetune_ModelNet40_8k.yaml),
+    and the local crops a quarter of that."""
+    return {"global_points": n, "global_patches": n // 16, "local_points": n // 4, "local_patches": n // 64}
+
+
+def run_scaling(args) -> dict:
+    """The paper preset's training step against batch size (--batch-sizes, default 8 16 32 64) and
+    against points per crop (--crop-points, default 1024 2048 4096 at the first batch size), each
+    setting in a fresh process; then patchify against N and G. Writes a table and --plot PNG."""
+    preset = args.presets[0]
+    base = A.Config(**A.PRESETS[preset])
+    by_batch, by_points = [], []
+    for B in args.batch_sizes:
+        by_batch.append(run_isolated(bench_step_config, preset=preset, B=B, device=args.device, precision="fp32",
+                                     repeats=args.repeats, warmup=args.warmup, source_points=args.source_points,
+                                     threads=args.threads))
+        print_step_row(by_batch[-1])
+    for n in args.crop_points:
+        row = next((r for r in by_batch if r["batch_size"] == args.batch_sizes[0]), None) if n == base.global_points else None
+        if row is None:
+            row = run_isolated(bench_step_config, preset=preset, B=args.batch_sizes[0], device=args.device,
+                               precision="fp32", repeats=args.repeats, warmup=args.warmup,
+                               source_points=max(args.source_points, n), threads=args.threads,
+                               overrides=points_overrides(n))
+        by_points.append({**row, "crop_points": n})
+        print_step_row(row)
+    patch = run_patchify(args)
+    out = {"preset": preset, "crop_points": base.global_points, "patches": base.global_patches,
+           "by_batch": by_batch, "by_points": by_points, "patchify": patch}
+    print(scaling_table(out))
+    if args.plot:
+        plot_scaling(out, args.plot)
+    return out
+
+
+def scaling_table(res: dict) -> str:
+    """Markdown: step time, time per sample and peak memory by batch and by crop size; patchify time
+    and its time per N*G (constant where the growth is O(N*G))."""
+    b0 = res["by_batch"][0]
+    lines = ["| batch | points per crop | patches | step (s) | s per sample | vs linear in batch | peak RSS (MiB) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in res["by_batch"]:
+        linear = b0["median_s"] * r["batch_size"] / b0["batch_size"]
+        lines.append(f"| {r['batch_size']} | {res['crop_points']} | {res['patches']} | {r['median_s']:.2f} | {r['median_s'] / r['batch_size']:.3f} | "
+                     f"{r['median_s'] / linear:.2f} | {r['peak_mem_mb']:.0f} |")
+    p0 = res["by_points"][0]
+    for r in res["by_points"][1:]:
+        G = r["overrides"].get("global_patches", res["patches"])
+        lines.append(f"| {r['batch_size']} | {r['crop_points']} | {G} | {r['median_s']:.2f} | "
+                     f"{r['median_s'] / r['batch_size']:.3f} | {r['median_s'] / p0['median_s']:.2f}x the {p0['crop_points']}-point step | "
+                     f"{r['peak_mem_mb']:.0f} |")
+    rows = res["patchify"]["rows"]
+    lines += ["", "| N | G | FPS (ms) | kNN (ms) | FPS per N*G (ns) | kNN per N*G (ns) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        ng = r["N"] * r["G"] * r["B"]
+        lines.append(f"| {r['N']} | {r['G']} | {r['fps_s'] * 1e3:.1f} | {r['knn_s'] * 1e3:.1f} | "
+                     f"{r['fps_s'] / ng * 1e9:.2f} | {r['knn_s'] / ng * 1e9:.2f} |")
+    return "\n".join(lines)
+
+
+def plot_scaling(res: dict, path: str):
+    """Three panels: step time and peak memory against batch, against points per crop, and patchify
+    time against N*G on log axes with an O(N*G) line through the smallest point."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4.2))
+    for a, rows, key, label in ((ax[0], res["by_batch"], "batch_size", f"batch size ({res['crop_points']}-point crops)"),
+                                (ax[1], res["by_points"], "crop_points", "points per global crop (patches = points / 16)")):
+        xs = [r[key] for r in rows]
+        a.plot(xs, [r["median_s"] for r in rows], "o-", color="C0", label="step time")
+        a.plot(xs, [rows[0]["median_s"] * x / xs[0] for x in xs], ":", color="C0", label="linear")
+        a.set_xlabel(label)
+        a.set_ylabel("seconds per step", color="C0")
+        a.set_xscale("log", base=2)
+        a.set_xticks(xs, [str(x) for x in xs])
+        m = a.twinx()
+        m.plot(xs, [r["peak_mem_mb"] / 1024 for r in rows], "s--", color="C1", label="peak RSS")
+        m.set_ylabel("peak memory (GiB)", color="C1")
+        a.legend(loc="upper left")
+    rows = res["patchify"]["rows"]
+    ng = [r["N"] * r["G"] for r in rows]
+    for op, c in (("fps", "C2"), ("knn", "C3")):
+        ax[2].loglog(ng, [r[f"{op}_s"] for r in rows], "o", color=c, label=op.upper())
+        i = int(np.argmin(ng))
+        ax[2].loglog(sorted(ng), [rows[i][f"{op}_s"] * x / ng[i] for x in sorted(ng)], ":", color=c)
+    ax[2].set_xlabel("N x G (points x centres)")
+    ax[2].set_ylabel("seconds per batch")
+    ax[2].set_title("patchify; dotted: O(N G) from the smallest", fontsize=9)
+    ax[2].legend()
+    fig.suptitle(f"{res['preset']} preset training step on the CPU (fp32); patchify batch {res['patchify']['batch_size']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# 6a. A/B: this checkout's training step against another checkout's, alternating, same weights
+# ----------------------------------------------------------------------------------------------
+
+def load_code(code_dir: str, name: str):
+    """Import code_dir/asymdsd.py as module `name` (so two versions can be told apart)."""
+    import importlib.util
+    path = os.path.join(code_dir, "asymdsd.py")
+    if not os.path.isfile(path):
+        raise SystemExit(f"bench.py ab: no asymdsd.py in {code_dir!r} (give a checkout of this project, "
+                         "e.g. `git worktree add ../baseline <commit>`)")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+def ab_run(code_dir: str, preset: str, B: int, weights: str, threads: int, repeats: int, warmup: int,
+           source_points: int, seed: int = 0) -> dict:
+    """One process, one version: load the shared weights, run one step from them (its loss terms and
+    gradient norm are the numerics compared across versions), then time warmup + repeats more steps."""
+    if threads:
+        torch.set_num_threads(threads)
+    code = load_code(code_dir, "asymdsd_under_test")
+    getattr(code, "keep_freed_memory", lambda: None)()   # as that version's train() does on a CPU
+    cfg = dataclasses.replace(code.Config(**code.PRESETS[preset]), batch_size=B)
+    torch.manual_seed(seed)
+    rss0 = rss_mb()
+    model = code.AsymDSD(cfg)
+    state = torch.load(weights, weights_only=True)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise SystemExit(f"bench.py ab: {code_dir} has other parameter names; missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    optimizer = code.build_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    gen = torch.Generator().manual_seed(seed)
+    points = torch.randn(B, source_points, 3, generator=torch.Generator().manual_seed(seed))
+    sched = {"lr": cfg.lr, "ema": 0.996, "temp_cls": 0.04, "temp_patch": 0.05}   # mid-schedule values
+    step = lambda: code.train_step(model, model, optimizer, scaler, points, cfg, sched, gen)
+    loss, logs, grad_norm = step()
+    numerics = {"loss": float(loss), "grad_norm": float(grad_norm),
+                **{k: float(v) for k, v in logs.items() if k.startswith("loss_")}}
+    cpu = torch.device("cpu")
+    for _ in range(warmup):
+        step()
+    times = [time_once(step, cpu) for _ in range(repeats)]
+    return {"code": code_dir, "preset": preset, "batch_size": B, **summarize(times), "numerics": numerics,
+            "peak_mem_mb": peak_rss_mb() - rss0}
+
+
+def run_ab(args) -> list:
+    """--alternations rounds of (baseline, this checkout) on the CPU, each run in a fresh spawned
+    process, the order swapped every round. Reports the median over runs of each run's fastest
+    step, their ratio, the largest difference of the first step's loss terms and gradient norm
+    (both versions start from the same weights, batch and generator), and each version's peak RSS."""
+    if not args.baseline:
+        raise SystemExit("bench.py ab needs --baseline DIR: a checkout of the code to compare with")
+    import tempfile
+    here = os.path.dirname(os.path.abspath(__file__))
+    rows = []
+    for preset in args.presets:
+        for B in args.batch_sizes:
+            with tempfile.TemporaryDirectory() as tmp:
+                weights = os.path.join(tmp, "weights.pt")
+                torch.manual_seed(0)   # this checkout's initialisation, loaded by both versions
+                torch.save(A.AsymDSD(dataclasses.replace(A.Config(**A.PRESETS[preset]), batch_size=B)).state_dict(),
+                           weights)
+                runs = {"baseline": [], "this": []}
+                for i in range(args.alternations):
+                    order = ["baseline", "this"] if i % 2 == 0 else ["this", "baseline"]
+                    for who in order:
+                        kw = dict(code_dir=args.baseline if who == "baseline" else here, preset=preset, B=B,
+                                  weights=weights, threads=args.threads, repeats=args.repeats,
+                                  warmup=args.warmup, source_points=args.source_points)
+                        r = run_isolated(ab_run, **kw)
+                        runs[who].append(r)
+                        print(f"  {preset} B={B} round {i + 1}/{args.alternations} {who:>8}: min {r['min_s']:.3f} s",
+                              flush=True)
+            row = ab_summary(preset, B, runs)
+            rows.append(row)
+            print_ab_row(row)
+    return rows
+
+
+def ab_summary(preset: str, B: int, runs: dict) -> dict:
+    """Median of per-run minima for each version, the speed-up, and the numerics difference."""
+    med = {k: statistics.median(r["min_s"] for r in v) for k, v in runs.items()}
+    first = {k: v[0]["numerics"] for k, v in runs.items()}
+    keys = sorted(set(first["baseline"]) & set(first["this"]))
+    diff = {k: abs(first["this"][k] - first["baseline"][k]) for k in keys}
+    rel = {k: diff[k] / max(abs(first["baseline"][k]), 1e-30) for k in keys}
+    return {"preset": preset, "batch_size": B, "runs": len(runs["this"]),
+            "baseline_median_min_s": med["baseline"], "this_median_min_s": med["this"],
+            "speedup": med["baseline"] / med["this"],
+            "baseline_peak_mem_mb": max(r["peak_mem_mb"] for r in runs["baseline"]),
+            "this_peak_mem_mb": max(r["peak_mem_mb"] for r in runs["this"]),
+            "numerics_baseline": first["baseline"], "numerics_this": first["this"],
+            "max_abs_diff": max(diff.values()), "max_rel_diff": max(rel.values()),
+            "all_min_s": {k: [round(r["min_s"], 4) for r in v] for k, v in runs.items()}}
+
+
+def print_ab_row(r: dict):
+    print(f"{r['preset']:>6} B={r['batch_size']:<3} baseline {r['baseline_median_min_s']:7.3f} s  this "
+          f"{r['this_median_min_s']:7.3f} s  speed-up {r['speedup']:.3f}x  (median of {r['runs']} run minima each)  "
+          f"peak RSS {r['baseline_peak_mem_mb']:.0f} -> {r['this_peak_mem_mb']:.0f} MiB  "
+          f"loss terms / grad norm differ by <= {r['max_rel_diff']:.1e} (relative)", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# 6c. GPU: one prepared command for the README's GPU table
+# ----------------------------------------------------------------------------------------------
+
+def datasheet_peak(gpu_name: str):
+    """Dense bf16 datasheet FLOP/s of a GPU by name (the longest matching key), or None."""
+    keys = [k for k in BF16_PEAKS if k in gpu_name]
+    return BF16_PEAKS[max(keys, key=len)] if keys else None
+
+
+def gpu_plan(presets: list, precisions: list, compile: list, grad_checkpoint: list) -> list:
+    """Every asked-for row, most wanted first, so that a budget cut drops the least wanted: the first
+    preset (S) in the first precision eager and compiled, its end-to-end compiled run (the goal row),
+    then its other precisions and gradient checkpointing, the other sizes eager, the eager end-to-end
+    run, and last the remaining compiled and other-precision rows."""
+    step = lambda preset, prec, comp, gc: {"kind": "step", "preset": preset, "precision": prec, "compile": comp,
+                                           "grad_checkpoint": gc}
+    e2e = lambda preset, prec, comp: {"kind": "e2e", "preset": preset, "precision": prec, "compile": comp,
+                                      "grad_checkpoint": "off"}
+    first, rest, p0 = presets[0], presets[1:], precisions[0]
+    want = [step(first, p0, "off", "off"), step(first, p0, "on", "off"), e2e(first, p0, "on")]
+    want += [step(first, p, "off", g) for p in precisions for g in ("off", "on")]
+    want += [step(r, p0, "off", g) for r in rest for g in ("off", "on")]
+    want += [e2e(first, p0, "off")]
+    want += [step(first, p, c, g) for c in ("on",) for p in precisions for g in ("off", "on")]
+    want += [step(r, p0, "on", g) for r in rest for g in ("off", "on")]
+    want += [step(r, p, c, g) for r in rest for p in precisions[1:] for c in ("off", "on") for g in ("off", "on")]
+    rows = []
+    for row in want:
+        if row["compile"] in compile and row["grad_checkpoint"] in grad_checkpoint and row not in rows:
+            rows.append(row)
+    return rows
+
+
+def estimated_s(row: dict) -> float:
+    """A generous guess of a row's wall time on one H100/H200 (a fresh process, CUDA start-up, model
+    build, warm-up and timed steps), for the budget; torch.compile adds about a minute."""
+    base = {"e2e": 45.0, "step": 12.0}[row["kind"]] * {"large": 4.0, "base": 2.0}.get(row["preset"], 1.0)
+    return base + (60.0 if row["compile"] == "on" else 0.0)
+
+
+def run_e2e(preset: str, B: int, precision: str, compile: bool, steps: int, workers: int) -> dict:
+    """A short real pretraining run (asymdsd.py, DataLoader with `workers` processes, procedural
+    16384-point clouds): samples/s with data loading included and the share of time the loop waited
+    for batches, from the log windows after the first that hold no checkpoint write."""
+    import subprocess
+    import tempfile
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "asymdsd.py"),
+               "--data", "shapes", "--set", "source_points=16384", "--preset", preset, "--batch-size", str(B),
+               "--max-steps", str(steps), "--precision", precision, "--num-workers", str(workers),
+               "--log-every", "4", "--out", out, "--device", "cuda"] + (["--compile"] if compile else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1][:300] if (proc.stderr or proc.stdout) else "failed"}
+        with open(os.path.join(out, "log.jsonl")) as f:
+            recs = [json.loads(line) for line in f if '"samples_per_s"' in line]
+    steps_per_epoch = 2048 // B   # the procedural set's 2048 training shapes; a checkpoint ends each epoch
+    clean = [r for r in recs[1:] if r["step"] % steps_per_epoch and (r["step"] - 4) // steps_per_epoch == r["step"] // steps_per_epoch]
+    clean = clean or recs[1:] or recs
+    return {"samples_per_s": statistics.median(r["samples_per_s"] for r in clean),
+            "data_wait_frac": statistics.median(r.get("data_wait_frac", float("nan")) for r in clean),
+            "peak_mem_mb": max(r["peak_mem_mb"] for r in recs), "windows": len(clean), "command": " ".join(cmd[1:])}
+
+
+def run_gpu(args) -> list:
+    """Every planned row in its own process (its own peak memory; an out-of-memory row does not end
+    the run), within --budget-s: rows predicted not to fit are listed as skipped. Prints JSON lines
+    and, at the end, the table."""
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.py gpu measures a CUDA GPU, and torch sees none here (torch.cuda.is_available() "
+                         "is False). On a CPU use `python bench.py step` or `python bench.py ab`.")
+    presets = args.presets_given or [p for p in ("small", "base", "large") if p in A.PRESETS]
+    precisions = [p for p in args.precision if p != "auto"] or ["bf16", "fp16"]
+    plan = gpu_plan(presets, precisions, args.compile_given or ["off", "on"], args.grad_checkpoint_given or ["off", "on"])
+    B = args.batch_sizes[0]
+    start, rows = time.perf_counter(), []
+    gpu = torch.cuda.get_device_name()
+    phases = None
+    for row in plan:
+        left = args.budget_s - (time.perf_counter() - start)
+        if estimated_s(row) > left:
+            r = {**row, "batch_size": B, "skipped": f"budget: about {estimated_s(row):.0f} s needed, {left:.0f} s left"}
+        elif row["kind"] == "e2e":
+            r = {**row, "batch_size": B, **run_e2e(row["preset"], B, row["precision"], row["compile"] == "on",
+                                                    args.e2e_steps, args.workers)}
+        else:
+            kw = dict(preset=row["preset"], B=B, device="cuda", precision=row["precision"], compile=row["compile"] == "on",
+                      grad_checkpoint=row["grad_checkpoint"] == "on", repeats=args.repeats, warmup=args.warmup,
+                      source_points=args.source_points)
+            try:
+                r = {**row, **run_isolated(bench_step_config, **kw)}
+            except Exception as e:  # out of memory, a compile failure: recorded, the run goes on
+                r = {**row, "batch_size": B, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+            if phases is None and "error" not in r:   # where the first row's step time goes
+                phases = r["phases_s"] = run_isolated(phase_times, preset=row["preset"], B=B, device="cuda",
+                                                      precision=row["precision"], source_points=args.source_points,
+                                                      repeats=5)
+        r.update(gpu=gpu, date=datetime.date.today().isoformat(), elapsed_s=round(time.perf_counter() - start, 1))
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+    print(gpu_table(rows))
+    return rows
+
+
+def gpu_table(rows: list) -> str:
+    """The README's GPU table (markdown), one line per row, skipped and failed rows included."""
+    lines = ["| size | what | precision | compile | grad ckpt | samples/s | peak memory | FLOP/s, share of datasheet bf16 peak | note |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    names = {"small": "S", "base": "B", "large": "L"}
+    for r in rows:
+        what = "step" if r["kind"] == "step" else "with data loading"
+        sps = f"{r['samples_per_s']:,.0f}" if "samples_per_s" in r else "-"
+        mem = f"{r['peak_mem_mb'] / 1024:.1f} GiB" if "peak_mem_mb" in r else "-"
+        frac = f"{100 * r['fraction_of_datasheet_bf16_peak']:.1f}%" if "fraction_of_datasheet_bf16_peak" in r else "-"
+        note = r.get("skipped") or r.get("error") or (
+            f"data wait {100 * r['data_wait_frac']:.0f}% of the time" if "data_wait_frac" in r else "")
+        if "phases_s" in r:
+            p = r["phases_s"]
+            note = f"views (crops, FPS, kNN) {100 * p['views'] / sum(p.values()):.0f}% of the step"
+        lines.append(f"| {names.get(r['preset'], r['preset'])} | {what} | {r['precision']} | {r['compile']} | "
+                     f"{r['grad_checkpoint']} | {sps} | {mem} | {frac} | {note} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
 # 6b. Parameters: every preset's parts, counted as the official modules hold them
 # ----------------------------------------------------------------------------------------------
 
@@ -497,7 +851,7 @@ def run_params(args) -> list:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("what", choices=["step", "patchify", "predictor", "profile", "params", "cache", "all"])
+    p.add_argument("what", choices=["step", "ab", "gpu", "scaling", "patchify", "predictor", "profile", "params", "cache", "all"])
     p.add_argument("--shapes", type=int, default=200, help="cache: synthetic meshes to cache (not part of 'all')")
     p.add_argument("--cache-source", choices=["meshes", "objaverse"], default="meshes",
                    help="cache: OBJ files read as 'meshes', or GLB files read as 'objaverse' (its official point rule)")
@@ -522,15 +876,28 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=None, help="patchify: clouds per batch (CPU 32, CUDA 128)")
     p.add_argument("--points", nargs="+", type=int, default=[1024, 2048, 8192, 16384], help="patchify: N")
     p.add_argument("--centres", nargs="+", type=int, default=[64, 128, 512], help="patchify: G")
-    p.add_argument("--budget-s", type=float, default=20.0, help="patchify: skip combos predicted slower than this")
+    p.add_argument("--budget-s", type=float, default=None, help="patchify: skip combos predicted slower than this "
+                   "(default 20); gpu: the wall-clock budget, rows predicted not to fit are listed as skipped (default 450)")
     p.add_argument("--rows", type=int, default=None, help="predictor: R = B*C*M rows (paper 1024; CPU default 64)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default). On a CPU shared "
                    "with busy processes use 1: OpenMP regions with 2 threads stall when a core is taken")
+    p.add_argument("--baseline", default=None, help="ab: a checkout of the code to compare this one with")
+    p.add_argument("--alternations", type=int, default=5, help="ab: rounds of (baseline, this), order swapped each round")
+    p.add_argument("--crop-points", nargs="+", type=int, default=[1024, 2048, 4096],
+                   help="scaling: points per global crop (patches scaled to points / 16)")
+    p.add_argument("--plot", default=None, help="scaling: write the PNG plot here")
+    p.add_argument("--e2e-steps", type=int, default=48, help="gpu: steps of the end-to-end (data loading) runs")
+    p.add_argument("--workers", type=int, default=8, help="gpu: DataLoader workers of the end-to-end runs")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     args.device = str(A.resolve_device(args.device))
     cpu = args.device == "cpu"
     args.presets_given = args.presets
+    if args.what == "scaling":
+        args.presets = args.presets or ["paper"]
+        args.batch_sizes = args.batch_sizes or [8, 16, 32, 64]
+    args.budget_s = args.budget_s if args.budget_s is not None else (450.0 if args.what == "gpu" else 20.0)
+    args.compile_given, args.grad_checkpoint_given = args.compile, args.grad_checkpoint
     args.presets = args.presets or ["paper", "tiny"]
     args.compile = ["off"] if args.compile is None else (args.compile or ["on"])
     args.grad_checkpoint = ["off"] if args.grad_checkpoint is None else (args.grad_checkpoint or ["on"])
@@ -587,10 +954,10 @@ def main(argv=None):
     if args.what == "params":  # counts only: no timing, nothing to add to "all"
         results["params"] = run_params(args)
         return results
-    jobs = {"step": run_step, "patchify": run_patchify, "predictor": run_predictor, "profile": run_profile}
+    jobs = {"step": run_step, "ab": run_ab, "gpu": run_gpu, "scaling": run_scaling, "patchify": run_patchify, "predictor": run_predictor, "profile": run_profile}
     if args.what == "cache":
         jobs["cache"] = run_cache
-    for name in (jobs if args.what == "all" else [args.what]):
+    for name in ([j for j in jobs if j not in ("ab", "gpu", "scaling")] if args.what == "all" else [args.what]):
         results[name] = jobs[name](args)
     if args.json:
         with open(args.json, "w") as f:

@@ -14,12 +14,14 @@ import math
 import multiprocessing
 import os
 import pickle
+import platform
 import random
 import re
 import socket
 import subprocess
 import sys
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -221,6 +223,33 @@ MODULES = {
     "ProjectionHead": (lambda: A.ProjectionHead(32, 64, 16, 128), lambda: (torch.randn(2, 5, 32),), (2, 5, 128)),
     "Centering": (lambda: A.Centering(128), lambda: (torch.randn(2, 5, 128),), (2, 5, 128)),
 }
+
+
+@pytest.mark.parametrize("tokenizer_dims", [(8, 16, 32), ((8, 16), (24,), (32,))], ids=["S", "three-stage"])
+def test_tokenizer_equals_the_official_concat_form_and_amax_gradients(tokenizer_dims):
+    """The tokenizers compute Linear([point, pooled]) as two half-Linears and pool with max().values;
+    the official concatenates and uses amax. The same outputs and parameter gradients, also when a
+    patch holds duplicated points (tied maxima, where amax splits the gradient and max does not)."""
+    torch.manual_seed(0)
+    tok = A.make_tokenizer(16, tokenizer_dims)
+    patches = torch.randn(3, 4, 6, 3)
+    patches[:, :, 3] = patches[:, :, 1]                                 # a duplicated point in every patch
+
+    def official(x):                                                     # concat + amax, layer by layer
+        stages = [tok.block_1, tok.block_2] if isinstance(tok, A.PatchTokenizer) else list(tok.stages)
+        for stage in stages[:-1]:
+            x = stage(x)
+            x = torch.cat([x, x.amax(-2, keepdim=True).expand_as(x)], -1)
+        return stages[-1](x).amax(-2)
+    ours = tok(patches)
+    ours.square().sum().backward()
+    grads = [p.grad.clone() for p in tok.parameters()]
+    tok.zero_grad()
+    theirs = official(patches)
+    theirs.square().sum().backward()
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+    for g, p in zip(grads, tok.parameters()):
+        torch.testing.assert_close(g, p.grad, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", list(MODULES))
@@ -712,7 +741,7 @@ def test_run_logs_checkpoints_and_resumes_exactly(tmp_path):
     full = read_log(tmp_path / "full")
     assert [r["step"] for r in full] == list(range(1, 9))
     for key in ("loss", "loss_patch", "loss_cls", "loss_koleo", "lr", "ema_momentum", "teacher_temp_cls",
-                "teacher_entropy_cls", "samples_per_s", "peak_mem_mb"):
+                "teacher_entropy_cls", "samples_per_s", "data_wait_frac", "peak_mem_mb"):
         assert key in full[0]
     ckpt = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
     assert {"student", "teacher", "optimizer", "scaler", "generator", "step", "config"} <= set(ckpt)
@@ -3295,6 +3324,69 @@ def test_step_benchmark_cli_writes_finite_numbers_and_expected_keys(tmp_path):
         assert math.isfinite(r[k]) and r[k] > 0, k
     assert r["min_s"] <= r["median_s"]
     assert abs(r["flops_analytic_over_counted"] - 1) < 0.15
+
+
+def test_bench_ab_same_code_gives_identical_numerics(tmp_path):
+    """bench.py ab against itself: both versions load the same weights, batch and generator, so the
+    first step's loss terms and gradient norm agree exactly; a folder without asymdsd.py is refused."""
+    here = str(Path(bench.__file__).parent)
+    rows = bench.main(["ab", "--baseline", here, "--presets", "tiny", "--batch-sizes", "2", "--alternations", "1",
+                       "--repeats", "1", "--warmup", "0", "--threads", "1", "--source-points", "512"])["ab"]
+    (r,) = rows
+    assert r["runs"] == 1 and r["max_abs_diff"] == 0.0 and r["speedup"] > 0
+    assert {"loss", "grad_norm", "loss_patch", "loss_cls"} <= set(r["numerics_this"])
+    with pytest.raises(SystemExit, match="no asymdsd.py"):
+        bench.main(["ab", "--baseline", str(tmp_path), "--presets", "tiny", "--batch-sizes", "2"])
+
+
+def test_keep_freed_memory_is_set_on_linux_glibc():
+    took = A.keep_freed_memory()
+    assert isinstance(took, bool)
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        assert took
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_bench_gpu_fails_fast_without_cuda():
+    t = time.perf_counter()
+    with pytest.raises(SystemExit, match="CUDA GPU"):
+        bench.main(["gpu"])
+    assert time.perf_counter() - t < 5
+
+
+def test_gpu_plan_budget_and_table(monkeypatch, capsys):
+    """The GPU command's CPU-side logic: the goal rows come first, filters hold, a row predicted past
+    the budget is listed as skipped, an out-of-memory row is recorded and the run goes on, and the
+    table has a line per row."""
+    plan = bench.gpu_plan(["small", "base"], ["bf16", "fp16"], ["off", "on"], ["off", "on"])
+    assert [(r["kind"], r["preset"], r["precision"], r["compile"]) for r in plan[:3]] == \
+        [("step", "small", "bf16", "off"), ("step", "small", "bf16", "on"), ("e2e", "small", "bf16", "on")]
+    assert len(plan) == len({json.dumps(r, sort_keys=True) for r in plan})
+    assert not [r for r in bench.gpu_plan(["small"], ["bf16"], ["off"], ["off"]) if r["compile"] == "on"]
+    assert bench.datasheet_peak("NVIDIA H100 80GB HBM3") == 989e12 and bench.datasheet_peak("Tesla T4") is None
+    # run_gpu with the GPU work replaced by stand-ins: the loop, the budget and the table
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+
+    def fake(fn, **kw):
+        if fn is bench.phase_times:
+            return {"views": 0.2, "teacher": 0.1, "student": 0.3, "loss": 0.0, "backward": 0.4, "clip_adamw": 0.0, "ema": 0.0}
+        if kw["precision"] == "fp16":
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return {"preset": kw["preset"], "batch_size": kw["B"], "samples_per_s": 1000.0, "peak_mem_mb": 2048.0,
+                "fraction_of_datasheet_bf16_peak": 0.1}
+    monkeypatch.setattr(bench, "run_isolated", fake)
+    monkeypatch.setattr(bench, "run_e2e", lambda *a: {"samples_per_s": 900.0, "data_wait_frac": 0.05, "peak_mem_mb": 1.0})
+    rows = bench.main(["gpu", "--presets", "small", "base", "--compile", "off", "--grad-checkpoint", "off",
+                       "--budget-s", "20"])["gpu"]
+    assert [(r["kind"], r["preset"], r["precision"]) for r in rows] == [
+        ("step", "small", "bf16"), ("step", "small", "fp16"), ("step", "base", "bf16"), ("e2e", "small", "bf16"),
+        ("step", "base", "fp16")]
+    assert "phases_s" in rows[0] and rows[0]["gpu"].startswith("NVIDIA H100")
+    assert "out of memory" in rows[1]["error"]                         # recorded, and the run went on
+    assert all("budget" in r["skipped"] for r in rows[2:])             # 24 s and 45 s rows past a 20 s budget
+    table = capsys.readouterr().out.split("| size |")[-1].splitlines()
+    assert len([l for l in table if l.startswith("| ")]) == len(rows)
 
 
 def test_patchify_and_predictor_benchmarks_run(tmp_path):
