@@ -81,6 +81,8 @@ class PointBatchNorm(nn.BatchNorm1d):
     rows, several times faster on CPU (RESULTS.md §11), rounding differently by at most 1 ulp."""
 
     def forward(self, x):                                              # (B, N, D) -> (B, N, D)
+        # NOTE: (departure 27) official normalises the (B, D, N) transpose; the (B*N, D) rows give the same
+        # statistics within 1 ulp and run several times faster on a CPU.
         return super().forward(x.flatten(0, 1)).view_as(x)
 
 
