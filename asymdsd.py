@@ -145,7 +145,7 @@ def keep_freed_memory() -> bool:
     try:
         libc = ctypes.CDLL("libc.so.6")
         M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4                    # mallopt parameters (malloc.h)
-        # NOTE: one arena (M_ARENA_MAX 1) fragments less but made 2-thread steps slower (lock contention).
+        # (one arena, M_ARENA_MAX 1, fragments less but made 2-thread steps slower: lock contention)
         return all(libc.mallopt(p, v) for p, v in ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1)))
     except (OSError, AttributeError):                        # not glibc (e.g. musl): keep the default
         return False
