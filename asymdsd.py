@@ -90,8 +90,7 @@ def rms_norm(x, weight, eps: float):
 class RMSNormCPU(torch.autograd.Function):
     """RMSNorm with its gradient written out, for CPU training. The same forward as F.rms_norm; the
     backward keeps only x and the per-row scale r (autograd's composite keeps another tensor of x's
-    size) and makes fewer passes over x: the tokenizer's (B*C*G*K, 512) activations make this about 3%
-    of a CPU step. Computed in fp32, returned in x's dtype.
+    size) and makes fewer passes over x. Computed in fp32, returned in x's dtype.
     y = x r w with r = rsqrt(mean(x^2) + eps);  dL/dx = r (g w) - x r^3 mean(g w x);  dL/dw = sum g x r"""
 
     @staticmethod
@@ -104,11 +103,53 @@ class RMSNormCPU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         h, w, r = ctx.saved_tensors
-        gw = grad.float() * w                                               # (..., C)
-        dot = torch.linalg.vecdot(gw, h, dim=-1).unsqueeze(-1)              # (..., 1): sum_c g w x
-        grad_x = torch.addcmul(gw * r, h, dot * r.pow(3) / -h.shape[-1])
-        grad_w = (grad.float() * h).flatten(0, -2).T @ r.flatten()          # (C,)
+        grad_x, grad_w = rms_norm_backward(grad.float(), h, w, r)
         return grad_x.type_as(grad), grad_w.type_as(grad), None
+
+
+def rms_norm_backward(grad, h, w, r):
+    """Gradients of y = h r w (RMSNormCPU) for dL/dy = grad: (dL/dh, dL/dw). All fp32, (..., C)."""
+    gw = grad * w                                                       # (..., C)
+    dot = torch.linalg.vecdot(gw, h, dim=-1).unsqueeze(-1)              # (..., 1): sum_c g w x
+    grad_h = torch.addcmul(gw.mul_(r), h, dot * r.pow(3) / -h.shape[-1])
+    grad_w = (grad * h).flatten(0, -2).T @ r.flatten()                  # (C,)
+    return grad_h, grad_w
+
+
+class NormGELULinearCPU(torch.autograd.Function):
+    """linear(gelu(rms_norm(x))) with its gradient written out, for the tokenizers' CPU training
+    passes. Keeps only x and the per-row scale r and recomputes gelu(rms_norm(x)) in the backward;
+    autograd would also keep the normed and the activated x, two more tensors of x's size. x is the
+    tokenizers' per-point (B*C*G*K, 512) activation, the largest tensor of the step: on CPU this is
+    about a quarter of the step's peak memory. The same forward ops, so the same numbers."""
+
+    @staticmethod
+    def forward(ctx, x, norm_weight, eps, weight, bias):
+        h, w = x.float(), norm_weight.float()
+        r = torch.rsqrt(h.square().mean(-1, keepdim=True) + eps)          # (..., 1)
+        ctx.save_for_backward(h, w, r, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(F.gelu(h * r * w).type_as(x), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):                                            # grad (..., out)
+        h, w, r, weight = ctx.saved_tensors
+        n = h * r * w                                                   # (..., C): the normed x, again
+        g = grad.flatten(0, -2)                                         # (rows, out)
+        grad_weight = g.T @ F.gelu(n).type_as(grad).flatten(0, -2)     # (out, C)
+        grad_bias = g.sum(0) if ctx.has_bias else None
+        grad_n = torch.ops.aten.gelu_backward((grad @ weight).float(), n)
+        del n
+        grad_x, grad_norm = rms_norm_backward(grad_n, h, w, r)
+        return grad_x.type_as(grad), grad_norm.type_as(grad), None, grad_weight, grad_bias
+
+
+def norm_gelu_linear(x, norm: nn.Module, linear: nn.Linear):
+    """linear(gelu(norm(x))) for an RMSNorm `norm`: NormGELULinearCPU in a CPU training pass (fp32),
+    else the three modules one after another. (..., C) -> (..., out)"""
+    if x.device.type == "cpu" and torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"):
+        return NormGELULinearCPU.apply(x, norm.weight, norm.eps, linear.weight, linear.bias)
+    return linear(F.gelu(norm(x)))
 
 
 class Dropout(nn.Module):
@@ -139,14 +180,17 @@ def keep_freed_memory() -> bool:
     """Let glibc keep freed memory for the next step instead of giving it back to the OS. By default
     every block over 32 MiB (the tokenizer's activations) is mmap'ed and unmapped when freed, and the
     next step faults in and zeroes each of its pages again: on a CPU that is system time worth about a
-    tenth of a training step. Returns whether the setting took (Linux with glibc only)."""
+    fifth of a training step. Blocks of 256 MiB and more (at S batch 32, the largest activations) are
+    still mmap'ed: kept in the heap they fragment it, and the peak memory grows from step to step
+    (at S batch 32, +19% over the default allocator; with them mmap'ed, -1%, at the same speed).
+    Returns whether the setting took (Linux with glibc only)."""
     if not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4                    # mallopt parameters (malloc.h)
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3              # mallopt parameters (malloc.h)
         # (one arena, M_ARENA_MAX 1, fragments less but made 2-thread steps slower: lock contention)
-        return all(libc.mallopt(p, v) for p, v in ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1)))
+        return all(libc.mallopt(p, v) for p, v in ((M_MMAP_THRESHOLD, 256 << 20), (M_TRIM_THRESHOLD, 2**31 - 1)))
     except (OSError, AttributeError):                        # not glibc (e.g. musl): keep the default
         return False
 
@@ -510,10 +554,12 @@ class PatchTokenizer(nn.Module):
         self.block_2 = nn.Sequential(Linear(2 * h2, h3, bias=False), RMSNorm(h3), nn.GELU(), Linear(h3, dim, bias=False))
 
     def forward(self, patches):                                       # (..., K, 3)
-        f = self.block_1(patches)                                     # (..., K, h2)
+        linear_1, norm_1, _, linear_2 = self.block_1                  # _: the GELU, applied by norm_gelu_linear
+        linear_3, norm_2, _, linear_4 = self.block_2
+        f = norm_gelu_linear(linear_1(patches), norm_1, linear_2)     # (..., K, h2)
         pooled = max_pool(f, keepdim=True)                            # (..., 1, h2)
-        h = linear_of_concat(self.block_2[0], f, pooled)              # (..., K, h3): Linear([point, pooled])
-        return max_pool(self.block_2[1:](h))                          # (..., K, D) -> (..., D)
+        h = linear_of_concat(linear_3, f, pooled)                     # (..., K, h3): Linear([point, pooled])
+        return max_pool(norm_gelu_linear(h, norm_2, linear_4))        # (..., K, D) -> (..., D)
 
 
 class TwoStageTokenizer(nn.Module):
@@ -539,11 +585,18 @@ class TwoStageTokenizer(nn.Module):
         self.num_chunks = num_chunks
         self.grad_checkpoint = False  # official allow_grad_ckpt: true for this tokenizer; set on the student
 
+    @staticmethod
+    def stage_mlp(stage: nn.Sequential, x):
+        """The hidden layers of one stage after its first Linear: (norm, GELU, Dropout, Linear) each."""
+        for i in range(1, len(stage), 4):
+            x = norm_gelu_linear(x, stage[i], stage[i + 3])          # stage[i + 1], [i + 2]: GELU, Dropout(0)
+        return x
+
     def embed(self, x):                                               # (N, K, 3) -> (N, D)
-        x = self.stages[0](x)                                         # (N, K, a): stage 1, per point
+        x = self.stage_mlp(self.stages[0], self.stages[0][0](x))      # (N, K, a): stage 1, per point
         for stage in self.stages[1:]:
             pooled = max_pool(x, keepdim=True)                        # (N, 1, a)
-            x = stage[1:](linear_of_concat(stage[0], x, pooled))      # (N, K, b): next stage on [point, pooled]
+            x = self.stage_mlp(stage, linear_of_concat(stage[0], x, pooled))  # (N, K, b): on [point, pooled]
         return max_pool(x)                                            # (N, D)
 
     def forward(self, patches):                                       # (..., K, 3)

@@ -252,6 +252,41 @@ def test_tokenizer_equals_the_official_concat_form_and_amax_gradients(tokenizer_
         torch.testing.assert_close(g, p.grad, atol=1e-6, rtol=1e-5)
 
 
+def test_norm_gelu_linear_saves_only_its_input_and_matches_the_modules():
+    """linear(gelu(norm(x))) in one autograd Function (CPU training): the same output and gradients as
+    the three modules, while it keeps x and a per-row scale for the backward, where autograd keeps the
+    normed and the activated x as well (two more tensors of x's size)."""
+    torch.manual_seed(0)
+    norm, linear = A.RMSNorm(48), A.Linear(48, 16)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        linear.bias.uniform_(-1, 1)
+    x = torch.randn(6, 40, 48, requires_grad=True)
+
+    def run(f):
+        saved = {}
+        def pack(t):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = f()
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads = [t.grad.clone() for t in (x, norm.weight, linear.weight, linear.bias)]
+        for t in (x, norm.weight, linear.weight, linear.bias):
+            t.grad = None
+        return out.detach(), grads, sum(saved.values())
+    out, grads, fused_bytes = run(lambda: A.norm_gelu_linear(x, norm, linear))
+    normed = lambda: x * torch.rsqrt(x.square().mean(-1, keepdim=True) + norm.eps) * norm.weight  # autograd's composite
+    ref, ref_grads, module_bytes = run(lambda: linear(torch.nn.functional.gelu(normed())))
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-5)
+    x_bytes = x.numel() * 4
+    assert fused_bytes < x_bytes * 1.2 and module_bytes > 2.5 * x_bytes, (fused_bytes, module_bytes, x_bytes)
+    with torch.no_grad():                                                # outside training: the modules
+        assert torch.equal(A.norm_gelu_linear(x, norm, linear), out)
+
+
 @pytest.mark.parametrize("name", list(MODULES))
 def test_every_module_builds_alone_runs_and_is_initialised_as_the_official_code(name):
     """Each module, without the model around it: the right output shape, finite outputs and gradients,
