@@ -144,10 +144,27 @@ class NormGELULinearCPU(torch.autograd.Function):
         return grad_x.type_as(grad), grad_norm.type_as(grad), None, grad_weight, grad_bias
 
 
+def _autocast_takes_device() -> bool:
+    try:
+        torch.is_autocast_enabled("cpu")
+        return True
+    except TypeError:                                        # torch < 2.4: no device argument
+        return False
+
+
+AUTOCAST_TAKES_DEVICE = _autocast_takes_device()             # decided once: torch.compile traces a constant
+
+
+def cpu_autocast_enabled() -> bool:
+    """Whether a CPU autocast region is active: torch.is_autocast_enabled("cpu") from torch 2.4 on,
+    torch.is_autocast_cpu_enabled() before (later versions deprecate it)."""
+    return torch.is_autocast_enabled("cpu") if AUTOCAST_TAKES_DEVICE else torch.is_autocast_cpu_enabled()
+
+
 def norm_gelu_linear(x, norm: nn.Module, linear: nn.Linear):
     """linear(gelu(norm(x))) for an RMSNorm `norm`: NormGELULinearCPU in a CPU training pass (fp32),
     else the three modules one after another. (..., C) -> (..., out)"""
-    if x.device.type == "cpu" and torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"):
+    if x.device.type == "cpu" and torch.is_grad_enabled() and not cpu_autocast_enabled():
         return NormGELULinearCPU.apply(x, norm.weight, norm.eps, linear.weight, linear.bias)
     return linear(F.gelu(norm(x)))
 

@@ -252,6 +252,15 @@ def test_tokenizer_equals_the_official_concat_form_and_amax_gradients(tokenizer_
         torch.testing.assert_close(g, p.grad, atol=1e-6, rtol=1e-5)
 
 
+def test_cpu_autocast_enabled_sees_the_region_on_every_torch():
+    """The fused tokenizer Function is fp32-only: it must see a CPU autocast region on torch 2.3.1
+    (no device argument) and on later versions alike."""
+    assert not A.cpu_autocast_enabled()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert A.cpu_autocast_enabled()
+    assert not A.cpu_autocast_enabled()
+
+
 def test_norm_gelu_linear_saves_only_its_input_and_matches_the_modules():
     """linear(gelu(norm(x))) in one autograd Function (CPU training): the same output and gradients as
     the three modules, while it keeps x and a per-row scale for the backward, where autograd keeps the
