@@ -198,8 +198,8 @@ def keep_freed_memory() -> bool:
     every block over 32 MiB (the tokenizer's activations) is mmap'ed and unmapped when freed, and the
     next step faults in and zeroes each of its pages again: on a CPU that is system time worth about a
     fifth of a training step. Blocks of 256 MiB and more (at S batch 32, the largest activations) are
-    still mmap'ed: kept in the heap they fragment it, and at S batch 32 the peak memory rose above
-    the default allocator's; mmap'ed, the step's peak stays below 1cf69d1's (README, Speed).
+    still mmap'ed: kept in the heap too (a 1 GiB threshold), the S step at batch 32 was 4% faster
+    with 9% more peak memory, the heap fragmenting (RESULTS.md §4).
     Returns whether the setting took (Linux with glibc only)."""
     if not sys.platform.startswith("linux"):
         return False
