@@ -144,21 +144,13 @@ class NormGELULinearCPU(torch.autograd.Function):
         return grad_x.type_as(grad), grad_norm.type_as(grad), None, grad_weight, grad_bias
 
 
-def _autocast_takes_device() -> bool:
-    try:
-        torch.is_autocast_enabled("cpu")
-        return True
-    except TypeError:                                        # torch < 2.4: no device argument
-        return False
-
-
-AUTOCAST_TAKES_DEVICE = _autocast_takes_device()             # decided once: torch.compile traces a constant
-
-
 def cpu_autocast_enabled() -> bool:
-    """Whether a CPU autocast region is active: torch.is_autocast_enabled("cpu") from torch 2.4 on,
-    torch.is_autocast_cpu_enabled() before (later versions deprecate it)."""
-    return torch.is_autocast_enabled("cpu") if AUTOCAST_TAKES_DEVICE else torch.is_autocast_cpu_enabled()
+    """Whether a CPU autocast region is active. torch.is_autocast_enabled takes a device from torch 2.4
+    on (2.3.1 has only torch.is_autocast_cpu_enabled, which later versions deprecate). Decided by the
+    attribute, not a try/except, so that torch.compile traces it."""
+    if hasattr(torch, "get_autocast_dtype"):                 # torch >= 2.4, with the device-taking API
+        return torch.is_autocast_enabled("cpu")
+    return torch.is_autocast_cpu_enabled()
 
 
 def norm_gelu_linear(x, norm: nn.Module, linear: nn.Linear):
