@@ -4,6 +4,7 @@
   python bench.py patchify  --batch-size 32                         FPS + kNN as N and G grow
   python bench.py predictor --rows 64                               cross vs masked-self vs full-self
   python bench.py profile   --presets tiny --batch-sizes 16         top ops by self time (torch.profiler)
+  python bench.py matmuls   --batch-sizes 8 --compile off on        the step's matmuls alone vs the step
   python bench.py params                                            parameters per part, every preset
   python bench.py cache     --shapes 200                           mixture cache: shapes/s, disk per 100k
   python bench.py all --json bench_cpu.json                         everything at CPU-friendly sizes
@@ -22,8 +23,10 @@ How to read the numbers:
   - Model FLOPs are counted analytically from the Config (matmuls and attention, 2 FLOPs per MAC;
     student passes x3 for forward + backward, the teacher x1) and cross-checked against
     torch.utils.flop_counter.FlopCounterMode on one step. Achieved FLOP/s = analytic FLOPs / median
-    step time, compared with a large matmul measured in the same process (the practical peak) and,
-    on an H100, the 989 TFLOP/s dense bf16 datasheet peak.
+    step time, compared with a large matmul measured in the same process before and after the steps
+    (the better of the two: the practical peak; on a shared VM one measurement can be 30% low) and,
+    on an H100, the 989 TFLOP/s dense bf16 datasheet peak. `matmuls` times the step's own matmuls
+    alone: the most the step could reach if every other op took no time.
 Dimension letters as in asymdsd.py: B batch, C global / L local crops, M masks, G patches,
 K points per patch, V visible, Q masked, D width, E predictor width, P prototypes.
 """
@@ -247,6 +250,9 @@ def bench_step_config(preset: str, B: int, device: str = "cpu", precision: str =
         A.keep_freed_memory()   # as train() does on a CPU
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 (official train_ssrl.sh: CUDA_MATMUL_TF32=high)
+    amp = A.autocast_dtype(precision, device)
+    n_peak = 4096 if device.type == "cuda" else 1536
+    peak = matmul_flops_per_s(device, amp or torch.float32, n_peak)   # again after the steps: the best of both
     rss0 = rss_mb()
     cfg, model, step = setup_step(preset, B, device, precision, compile, source_points, grad_checkpoint=grad_checkpoint,
                                   overrides=overrides)
@@ -257,9 +263,8 @@ def bench_step_config(preset: str, B: int, device: str = "cpu", precision: str =
     times = [time_once(step, device) for _ in range(repeats)]
     cpu_per_step = (time.process_time() - cpu0) / repeats   # robust to other processes on a shared CPU
     mem = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb() - rss0)
-    amp = A.autocast_dtype(precision, device)
     acts = step_activations_mb(cfg, model, B, device, amp, source_points)
-    peak = matmul_flops_per_s(device, amp or torch.float32, 4096 if device.type == "cuda" else 1536)
+    peak = max(peak, matmul_flops_per_s(device, amp or torch.float32, n_peak))
     flops = step_flops(cfg, B)
     t = summarize(times)
     out = {"preset": preset, "batch_size": B, "overrides": overrides or {}, "device": str(device), "precision": str(amp or "fp32"),
@@ -490,7 +495,104 @@ def phase_times(preset, B, device, precision, source_points, repeats) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# 4b. Scaling: step time and memory against batch size and points per cloud, patchify against N*G
+# 7. The matmul bound: the step's own matmuls, timed alone
+# ----------------------------------------------------------------------------------------------
+
+def step_matmuls(step) -> collections.Counter:
+    """(op, operand shapes) -> calls, for every mm / addmm / bmm one step runs, as torch.profiler
+    records them. The products inside the fused attention kernel are not among them."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        step()
+    calls = collections.Counter()
+    for e in prof.events():
+        if e.name in ("aten::mm", "aten::addmm", "aten::bmm"):
+            a, b = [tuple(s) for s in e.input_shapes if isinstance(s, list) and len(s) >= 2][-2:]  # addmm: bias first
+            calls[(e.name, a, b)] += 1
+    return calls
+
+
+def matmuls_alone_s(calls: collections.Counter, device, dtype=torch.float32) -> float:
+    """Seconds the recorded matmuls take by themselves: each shape on random operands into a
+    preallocated output, the best of two timed calls after a first, times its calls per step."""
+    total = 0.0
+    for (op, a, b), n in calls.items():
+        x, y = torch.randn(a, device=device, dtype=dtype), torch.randn(b, device=device, dtype=dtype)
+        out = torch.empty(*a[:-1], b[-1], device=device, dtype=dtype)
+        f = torch.bmm if op == "aten::bmm" else torch.mm
+        f(x, y, out=out)
+        total += n * min(time_once(lambda: f(x, y, out=out), device) for _ in range(2))
+    return total
+
+
+def matmul_bound_config(preset: str, B: int, device: str = "cpu", compile_modes=("off",), rounds: int = 4,
+                        source_points: int = 16384, threads: int = 0) -> dict:
+    """How close the fp32 step can come to the matmul peak. One eager step's matmuls are recorded,
+    then --alternations rounds each time: the 1536^3 (CUDA: 4096^3) peak, the recorded matmuls alone,
+    and the step (eager and/or compiled, best of 2), then the peak again. The peak is the best seen in
+    the run; times are the best round's. matmul_rate / peak is the most the step could reach if every
+    other op took no time."""
+    if threads:
+        torch.set_num_threads(threads)
+    device = torch.device(device)
+    if device.type == "cpu":
+        A.keep_freed_memory()
+    steps = {}
+    for mode in compile_modes:
+        cfg, _, steps[mode] = setup_step(preset, B, device, "fp32", mode == "on", source_points)
+    t0 = time.perf_counter()
+    for s in steps.values():                                          # warm-up; compiles the compiled one
+        s(), s()
+    warm = time.perf_counter() - t0
+    calls = step_matmuls(lambda: next(iter(steps.values()))(eager=True))
+    mm_flops = sum(2 * math.prod(a) * b[-1] * n for (_, a, b), n in calls.items())
+    n_peak = 4096 if device.type == "cuda" else 1536
+    per_round = []
+    for _ in range(rounds):
+        row = {"peak": matmul_flops_per_s(device, torch.float32, n_peak), "matmuls_alone_s": matmuls_alone_s(calls, device)}
+        for mode, s in steps.items():
+            row[f"step_{mode}_s"] = min(time_once(s, device) for _ in range(2))
+        row["peak"] = max(row["peak"], matmul_flops_per_s(device, torch.float32, n_peak))
+        per_round.append(row)
+    flops, peak = step_flops(cfg, B)["total"], max(r["peak"] for r in per_round)
+    mm_s = min(r["matmuls_alone_s"] for r in per_round)
+    out = {"preset": preset, "batch_size": B, "device": str(device), "threads": torch.get_num_threads(),
+           "warmup_s": round(warm, 1), "rounds": per_round, "flops_per_step": flops, "matmul_calls": sum(calls.values()),
+           "matmul_shapes": len(calls), "matmul_flops": mm_flops, "matmul_peak_flops_per_s": peak,
+           "matmuls_alone_s": mm_s, "matmul_rate_of_peak": mm_flops / mm_s / peak,
+           "step_s_for_70pct": flops / (0.7 * peak)}
+    for mode in steps:
+        t = min(r[f"step_{mode}_s"] for r in per_round)
+        out[f"step_{mode}_s"] = t
+        out[f"step_{mode}_of_peak"] = flops / t / peak
+        out[f"rest_{mode}_s"] = t - mm_s                 # what the step spends outside its matmuls
+    return out
+
+
+def run_matmul_bound(args) -> list:
+    """matmul_bound_config for every (preset, batch size), each in its own process."""
+    results = []
+    for preset in args.presets:
+        for B in batch_sizes(args, preset):
+            r = run_isolated(matmul_bound_config, preset=preset, B=B, device=args.device, compile_modes=tuple(args.compile),
+                             rounds=args.alternations, source_points=args.source_points, threads=args.threads)
+            results.append(r)
+            print_bound_row(r)
+    return results
+
+
+def print_bound_row(r: dict):
+    steps = "  ".join(f"step {'compiled' if m == 'on' else 'eager'} {r[f'step_{m}_s']:.3f} s = "
+                      f"{100 * r[f'step_{m}_of_peak']:.0f}% (outside matmuls {r[f'rest_{m}_s']:.2f} s)"
+                      for m in ("off", "on") if f"step_{m}_s" in r)
+    print(f"{r['preset']:>6} B={r['batch_size']:<3} peak {r['matmul_peak_flops_per_s'] / 1e9:.0f} GF/s  "
+          f"{r['matmul_calls']} matmuls ({r['matmul_shapes']} shapes, {r['matmul_flops'] / 1e9:.1f} of "
+          f"{r['flops_per_step'] / 1e9:.1f} GF) alone {r['matmuls_alone_s']:.3f} s = "
+          f"{100 * r['matmul_rate_of_peak']:.0f}% of peak  {steps}  70% needs {r['step_s_for_70pct']:.3f} s", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. Scaling: step time and memory against batch size and points per cloud, patchify against N*G
 # ----------------------------------------------------------------------------------------------
 
 def points_overrides(n: int) -> dict:
@@ -592,7 +694,7 @@ def plot_scaling(res: dict, path: str):
 
 
 # ----------------------------------------------------------------------------------------------
-# 6a. A/B: this checkout's training step against another checkout's, alternating, same weights
+# 9. A/B: this checkout's training step against another checkout's, alternating, same weights
 # ----------------------------------------------------------------------------------------------
 
 def load_code(code_dir: str, name: str):
@@ -702,7 +804,7 @@ def print_ab_row(r: dict):
 
 
 # ----------------------------------------------------------------------------------------------
-# 6c. GPU: one prepared command for the README's GPU table
+# 10. GPU: one prepared command for the README's GPU table
 # ----------------------------------------------------------------------------------------------
 
 def datasheet_peak(gpu_name: str):
@@ -827,7 +929,7 @@ def gpu_table(rows: list) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# 6b. Parameters: every preset's parts, counted as the official modules hold them
+# 11. Parameters: every preset's parts, counted as the official modules hold them
 # ----------------------------------------------------------------------------------------------
 
 def run_params(args) -> list:
@@ -846,12 +948,12 @@ def run_params(args) -> list:
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. CLI
+# 12. CLI
 # ----------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("what", choices=["step", "ab", "gpu", "scaling", "patchify", "predictor", "profile", "params", "cache", "all"])
+    p.add_argument("what", choices=["step", "ab", "matmuls", "gpu", "scaling", "patchify", "predictor", "profile", "params", "cache", "all"])
     p.add_argument("--shapes", type=int, default=200, help="cache: synthetic meshes to cache (not part of 'all')")
     p.add_argument("--cache-source", choices=["meshes", "objaverse"], default="meshes",
                    help="cache: OBJ files read as 'meshes', or GLB files read as 'objaverse' (its official point rule)")
@@ -882,7 +984,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default). On a CPU shared "
                    "with busy processes use 1: OpenMP regions with 2 threads stall when a core is taken")
     p.add_argument("--baseline", default=None, help="ab: a checkout of the code to compare this one with")
-    p.add_argument("--alternations", type=int, default=5, help="ab: rounds of (baseline, this), order swapped each round")
+    p.add_argument("--alternations", type=int, default=5, help="ab: rounds of (baseline, this), order swapped each round; matmuls: rounds of (peak, matmuls alone, step)")
     p.add_argument("--crop-points", nargs="+", type=int, default=[1024, 2048, 4096],
                    help="scaling: points per global crop (patches scaled to points / 16)")
     p.add_argument("--plot", default=None, help="scaling: write the PNG plot here")
@@ -896,6 +998,9 @@ def parse_args(argv=None):
     if args.what == "scaling":
         args.presets = args.presets or ["paper"]
         args.batch_sizes = args.batch_sizes or [8, 16, 32, 64]
+    if args.what == "matmuls":
+        args.presets = args.presets or ["paper"]
+        args.batch_sizes = args.batch_sizes or [8]
     args.budget_s = args.budget_s if args.budget_s is not None else (450.0 if args.what == "gpu" else 20.0)
     args.compile_given, args.grad_checkpoint_given = args.compile, args.grad_checkpoint
     args.presets = args.presets or ["paper", "tiny"]
@@ -954,10 +1059,10 @@ def main(argv=None):
     if args.what == "params":  # counts only: no timing, nothing to add to "all"
         results["params"] = run_params(args)
         return results
-    jobs = {"step": run_step, "ab": run_ab, "gpu": run_gpu, "scaling": run_scaling, "patchify": run_patchify, "predictor": run_predictor, "profile": run_profile}
+    jobs = {"step": run_step, "ab": run_ab, "matmuls": run_matmul_bound, "gpu": run_gpu, "scaling": run_scaling, "patchify": run_patchify, "predictor": run_predictor, "profile": run_profile}
     if args.what == "cache":
         jobs["cache"] = run_cache
-    for name in ([j for j in jobs if j not in ("ab", "gpu", "scaling")] if args.what == "all" else [args.what]):
+    for name in ([j for j in jobs if j not in ("ab", "matmuls", "gpu", "scaling")] if args.what == "all" else [args.what]):
         results[name] = jobs[name](args)
     if args.json:
         with open(args.json, "w") as f:

@@ -3383,6 +3383,27 @@ def test_bench_ab_same_code_gives_identical_numerics(tmp_path):
         bench.main(["ab", "--baseline", str(tmp_path), "--presets", "tiny", "--batch-sizes", "2"])
 
 
+def test_bench_matmuls_records_the_steps_matmuls_and_times_them_alone(capsys):
+    """bench.py matmuls: the recorded mm / addmm / bmm calls have matching inner dimensions (addmm's
+    bias is not taken for an operand) and their FLOPs are the analytic count less attention's
+    products inside the fused kernel; the bound's numbers are finite and consistent."""
+    args = bench.parse_args(["matmuls"])
+    assert (args.presets, args.batch_sizes, args.compile) == (["paper"], [8], ["off"])
+    r = bench.matmul_bound_config("tiny", 2, compile_modes=("off",), rounds=1, source_points=512, threads=1)
+    _, _, step = bench.setup_step("tiny", 2, torch.device("cpu"), "fp32", False, 512)
+    calls = bench.step_matmuls(step)
+    assert {op for op, _, _ in calls} >= {"aten::mm", "aten::addmm"}
+    assert all(a[-1] == b[-2] and len(a) == len(b) for _, a, b in calls)
+    assert sum(calls.values()) == r["matmul_calls"] and len(calls) == r["matmul_shapes"]
+    assert 0.9 < r["matmul_flops"] / r["flops_per_step"] < 1.0
+    for k in ("matmuls_alone_s", "step_off_s", "matmul_peak_flops_per_s", "matmul_rate_of_peak", "step_off_of_peak"):
+        assert math.isfinite(r[k]) and r[k] > 0, k
+    assert r["rest_off_s"] == pytest.approx(r["step_off_s"] - r["matmuls_alone_s"])
+    assert r["step_s_for_70pct"] == pytest.approx(r["flops_per_step"] / (0.7 * r["matmul_peak_flops_per_s"]))
+    bench.print_bound_row(r)
+    assert "step eager" in capsys.readouterr().out
+
+
 def test_keep_freed_memory_is_set_on_linux_glibc():
     took = A.keep_freed_memory()
     assert isinstance(took, bool)
