@@ -82,8 +82,10 @@ def summarize(times: list) -> dict:
     return {"min_s": min(times), "median_s": statistics.median(times), "all_s": [round(t, 5) for t in times]}
 
 
-def matmul_flops_per_s(device, dtype=torch.float32, n: int = 2048, repeats: int = 5) -> float:
-    """Best FLOP/s of an n x n x n matmul: the practical peak of this device in this process."""
+def matmul_flops_per_s(device, dtype=torch.float32, n: int | None = None, repeats: int = 5) -> float:
+    """Best FLOP/s of an n x n x n matmul (default 4096 on CUDA, 1536 on CPU): the practical peak of
+    this device in this process."""
+    n = n or (4096 if device.type == "cuda" else 1536)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     a @ b
     return 2 * n ** 3 / min(time_once(lambda: a @ b, device) for _ in range(repeats))
@@ -251,8 +253,7 @@ def bench_step_config(preset: str, B: int, device: str = "cpu", precision: str =
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 (official train_ssrl.sh: CUDA_MATMUL_TF32=high)
     amp = A.autocast_dtype(precision, device)
-    n_peak = 4096 if device.type == "cuda" else 1536
-    peak = matmul_flops_per_s(device, amp or torch.float32, n_peak)   # again after the steps: the best of both
+    peak = matmul_flops_per_s(device, amp or torch.float32)   # again after the steps: the best of both
     rss0 = rss_mb()
     cfg, model, step = setup_step(preset, B, device, precision, compile, source_points, grad_checkpoint=grad_checkpoint,
                                   overrides=overrides)
@@ -264,7 +265,7 @@ def bench_step_config(preset: str, B: int, device: str = "cpu", precision: str =
     cpu_per_step = (time.process_time() - cpu0) / repeats   # robust to other processes on a shared CPU
     mem = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb() - rss0)
     acts = step_activations_mb(cfg, model, B, device, amp, source_points)
-    peak = max(peak, matmul_flops_per_s(device, amp or torch.float32, n_peak))
+    peak = max(peak, matmul_flops_per_s(device, amp or torch.float32))
     flops = step_flops(cfg, B)
     t = summarize(times)
     out = {"preset": preset, "batch_size": B, "overrides": overrides or {}, "device": str(device), "precision": str(amp or "fp32"),
@@ -541,18 +542,18 @@ def matmul_bound_config(preset: str, B: int, device: str = "cpu", compile_modes=
     for mode in compile_modes:
         cfg, _, steps[mode] = setup_step(preset, B, device, "fp32", mode == "on", source_points)
     t0 = time.perf_counter()
-    for s in steps.values():                                          # warm-up; compiles the compiled one
-        s(), s()
+    for step in steps.values():                                       # warm-up; compiles the compiled one
+        for _ in range(2):
+            step()
     warm = time.perf_counter() - t0
-    calls = step_matmuls(lambda: next(iter(steps.values()))(eager=True))
+    calls = step_matmuls(lambda: step(eager=True))                    # any of the steps, run eagerly
     mm_flops = sum(2 * math.prod(a) * b[-1] * n for (_, a, b), n in calls.items())
-    n_peak = 4096 if device.type == "cuda" else 1536
     per_round = []
     for _ in range(rounds):
-        row = {"peak": matmul_flops_per_s(device, torch.float32, n_peak), "matmuls_alone_s": matmuls_alone_s(calls, device)}
-        for mode, s in steps.items():
-            row[f"step_{mode}_s"] = min(time_once(s, device) for _ in range(2))
-        row["peak"] = max(row["peak"], matmul_flops_per_s(device, torch.float32, n_peak))
+        row = {"peak": matmul_flops_per_s(device), "matmuls_alone_s": matmuls_alone_s(calls, device)}
+        for mode, step in steps.items():
+            row[f"step_{mode}_s"] = min(time_once(step, device) for _ in range(2))
+        row["peak"] = max(row["peak"], matmul_flops_per_s(device))
         per_round.append(row)
     flops, peak = step_flops(cfg, B)["total"], max(r["peak"] for r in per_round)
     mm_s = min(r["matmuls_alone_s"] for r in per_round)

@@ -3386,7 +3386,7 @@ def test_bench_ab_same_code_gives_identical_numerics(tmp_path):
 def test_bench_matmuls_records_the_steps_matmuls_and_times_them_alone(capsys):
     """bench.py matmuls: the recorded mm / addmm / bmm calls have matching inner dimensions (addmm's
     bias is not taken for an operand) and their FLOPs are the analytic count less attention's
-    products inside the fused kernel; the bound's numbers are finite and consistent."""
+    products inside the fused kernel; timed alone, they take less than the step."""
     args = bench.parse_args(["matmuls"])
     assert (args.presets, args.batch_sizes, args.compile) == (["paper"], [8], ["off"])
     r = bench.matmul_bound_config("tiny", 2, compile_modes=("off",), rounds=1, source_points=512, threads=1)
@@ -3398,8 +3398,8 @@ def test_bench_matmuls_records_the_steps_matmuls_and_times_them_alone(capsys):
     assert 0.9 < r["matmul_flops"] / r["flops_per_step"] < 1.0
     for k in ("matmuls_alone_s", "step_off_s", "matmul_peak_flops_per_s", "matmul_rate_of_peak", "step_off_of_peak"):
         assert math.isfinite(r[k]) and r[k] > 0, k
-    assert r["rest_off_s"] == pytest.approx(r["step_off_s"] - r["matmuls_alone_s"])
-    assert r["step_s_for_70pct"] == pytest.approx(r["flops_per_step"] / (0.7 * r["matmul_peak_flops_per_s"]))
+    # the step does its matmuls and more: alone they take less time, at a higher rate than the step's
+    assert 0 < r["matmuls_alone_s"] < r["step_off_s"] and r["step_off_of_peak"] < r["matmul_rate_of_peak"]
     bench.print_bound_row(r)
     assert "step eager" in capsys.readouterr().out
 
